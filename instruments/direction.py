@@ -1,0 +1,478 @@
+"""Phase 5, mechanism: the refusal direction (Arditi et al. 2024, "Refusal in language models is
+mediated by a single direction").
+
+1. Candidates: at every layer's ``resid_pre`` and every post-instruction position (the chat
+   template tokens after the user's message, where every prompt reads the same tokens),
+   the difference in means of harmful and harmless activations, and the first principal
+   component of the paired differences.
+2. Selection on validation prompts: ablating the direction should bypass refusal on
+   harmful prompts (low refusal score), adding it should induce refusal on harmless ones
+   (high score), and ablating it must barely change harmless next-token distributions
+   (KL below a threshold). Layers in the last 20% are excluded: there a direction can act
+   directly on the unembedding instead of mediating the decision.
+3. Interventions, all temporary: directional ablation by hooks; the equivalent weight
+   orthogonalization as in-memory copies swapped in by a context manager that restores and
+   verifies the originals; activation addition (steering).
+
+SAFETY: this module deliberately offers no way to persist a model with refusal removed:
+nothing here writes weights to disk, exports them or hands back a modified model outside
+a context. Tests assert that no such function exists and that weights are restored.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Iterator, Literal, Mapping, Sequence
+
+import torch
+from jaxtyping import Float
+
+from instruments.ablation import AblationSpec, Hook, ablation_hooks
+from instruments.behavior import batches, last_logits
+from instruments.components import Direction
+from instruments.metrics import RefusalTokens, kl_divergence, refusal_score
+
+Vector = Float[torch.Tensor, "d_model"]
+
+# Differently-ending user messages whose chat-formatted token ids share only the template's tail.
+_TEMPLATE_PROBES = ("a", "Why?", "1 2 3.")
+
+
+class DirectionError(ValueError):
+    """A direction computation got inputs it cannot use; the message names the fix."""
+
+
+class QuantizedWeightsError(RuntimeError):
+    """Weight orthogonalization was asked of a quantized model."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirectionSpec:
+    """Every knob of direction finding and selection.
+
+    ``n_positions``: how many post-instruction positions to consider (None: all of them).
+    ``layers``: which layers to evaluate during selection (None: all not pruned).
+    ``prune_layer_fraction``: layers >= int(n_layers * (1 - fraction)) are never chosen.
+    ``kl_threshold``: max mean KL(clean || ablated) on harmless val prompts.
+    ``induce_threshold``: min mean refusal score on harmless val prompts with the direction added.
+    """
+
+    method: Literal["mean_diff", "pca"] = "mean_diff"
+    n_positions: int | None = None
+    layers: tuple[int, ...] | None = None
+    prune_layer_fraction: float = 0.2
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.method not in ("mean_diff", "pca"):
+            raise DirectionError(f"unknown method {self.method!r}; use 'mean_diff' or 'pca'")
+        if self.n_positions is not None and self.n_positions < 1:
+            raise DirectionError("n_positions must be None or >= 1")
+        if not 0.0 <= self.prune_layer_fraction < 1.0:
+            raise DirectionError("prune_layer_fraction must be in [0, 1)")
+        if self.batch_size < 1:
+            raise DirectionError("batch_size must be >= 1")
+
+
+# ----------------------------------------------------------------------------- activations
+
+def post_instruction_ids(handle) -> tuple[int, ...]:
+    """Token ids the chat template puts after the user's message (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``).
+
+    Found as the longest common token suffix of chat-formatted probe messages that end in
+    different characters, so it is the template's own tokenization in context (a tail
+    tokenized on its own can merge differently).
+    """
+    seqs = [handle.tokenizer(handle.chat(p), add_special_tokens=False)["input_ids"] for p in _TEMPLATE_PROBES]
+    k = 0
+    while all(len(s) > k for s in seqs) and len({s[-1 - k] for s in seqs}) == 1:
+        k += 1
+    if k == 0:
+        raise DirectionError("the chat template adds no tokens after the user's message; there are no "
+                             "post-instruction positions to read a direction from")
+    return tuple(seqs[0][-k:])
+
+
+def resid_names(n_layers: int) -> list[str]:
+    return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+
+
+@torch.no_grad()
+def resid_at(handle, prompts: Sequence[str], *, positions: Sequence[int],
+             batch_size: int = 16) -> Float[torch.Tensor, "prompt pos layer d_model"]:
+    """resid_pre of every layer at ``positions`` (negative offsets: left padding aligns the ends)."""
+    names = resid_names(handle.n_layers)
+    rows = []
+    for chunk in batches(list(prompts), batch_size):
+        ids, mask = handle.encode(chunk)
+        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
+        rows.append(torch.stack([cache[n][:, list(positions)] for n in names], dim=2).float().cpu())
+    return torch.cat(rows)
+
+
+def mean_difference(harmful: Float[torch.Tensor, "n_harmful *rest"],
+                    harmless: Float[torch.Tensor, "n_harmless *rest"]) -> Float[torch.Tensor, "*rest"]:
+    """mean(harmful) - mean(harmless) over the first axis."""
+    return harmful.float().mean(0) - harmless.float().mean(0)
+
+
+def paired_first_pc(harmful: Float[torch.Tensor, "pair *rest d_model"], harmless: Float[torch.Tensor, "pair *rest d_model"]
+                    ) -> tuple[Float[torch.Tensor, "*rest d_model"], Float[torch.Tensor, "*rest"]]:
+    """Unit first principal axis of the paired differences, and the share of their second moment it holds.
+
+    Uncentered on purpose: centering would subtract the mean difference, which is exactly
+    the shared harmful-vs-harmless shift we want, leaving only pair-to-pair variation.
+    (RepE reaches the same by flipping pairs at random before a centered PCA.) The sign is
+    chosen so the axis points from harmless to harmful (positive dot with the mean difference).
+    """
+    if harmful.shape != harmless.shape:
+        raise DirectionError(f"paired PCA needs pairs: got {tuple(harmful.shape)} harmful vs "
+                             f"{tuple(harmless.shape)} harmless activations")
+    diffs = (harmful.float() - harmless.float()).movedim(0, -2)  # [*rest, pair, d_model]
+    _, s, vh = torch.linalg.svd(diffs, full_matrices=False)
+    axis = vh[..., 0, :]
+    sign = torch.sign((axis * diffs.mean(-2)).sum(-1, keepdim=True))
+    axis = axis * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return axis, s[..., 0] ** 2 / (s ** 2).sum(-1).clamp_min(1e-30)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CandidateDirections:
+    """Candidate refusal directions at each post-instruction position and layer.
+
+    ``positions`` are negative offsets from the end (-1: the last template token).
+    ``mean_diff`` is unnormalized (its norm is the harmful-harmless separation, ``norms``);
+    ``pca`` are unit vectors (None when the sets are not paired one-to-one).
+    """
+
+    positions: tuple[int, ...]
+    mean_diff: Float[torch.Tensor, "pos layer d_model"]
+    norms: Float[torch.Tensor, "pos layer"]
+    pca: Float[torch.Tensor, "pos layer d_model"] | None
+    pca_explained: Float[torch.Tensor, "pos layer"] | None
+    n_harmful: int
+    n_harmless: int
+
+    def vectors(self, method: str = "mean_diff") -> Float[torch.Tensor, "pos layer d_model"]:
+        """Candidates in activation units (what steering adds): the PC axis is scaled by the
+        mean difference's length along it, so both methods shift activations equally far."""
+        if method == "mean_diff":
+            return self.mean_diff
+        if method == "pca":
+            if self.pca is None:
+                raise DirectionError("no PCA candidates: harmful and harmless prompts were not paired")
+            return self.pca * (self.pca * self.mean_diff).sum(-1, keepdim=True)
+        raise DirectionError(f"unknown method {method!r}; use 'mean_diff' or 'pca'")
+
+
+def candidate_directions(handle, harmful: Sequence[str], harmless: Sequence[str], *,
+                         spec: DirectionSpec = DirectionSpec()) -> CandidateDirections:
+    """Difference-in-means (and paired-PC) candidates from TRAIN prompts."""
+    if not harmful or not harmless:
+        raise DirectionError("need at least one harmful and one harmless prompt")
+    k = len(post_instruction_ids(handle))
+    k = k if spec.n_positions is None else min(k, spec.n_positions)
+    positions = tuple(range(-k, 0))
+    acts_h = resid_at(handle, harmful, positions=positions, batch_size=spec.batch_size)
+    acts_s = resid_at(handle, harmless, positions=positions, batch_size=spec.batch_size)
+    diff = mean_difference(acts_h, acts_s)
+    pca, explained = paired_first_pc(acts_h, acts_s) if len(harmful) == len(harmless) else (None, None)
+    return CandidateDirections(positions=positions, mean_diff=diff, norms=diff.norm(dim=-1), pca=pca,
+                               pca_explained=explained, n_harmful=len(harmful), n_harmless=len(harmless))
+
+
+def _unit(direction: Direction | torch.Tensor) -> Vector:
+    v = direction.tensor() if isinstance(direction, Direction) else direction.detach().float().cpu()
+    norm = v.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise DirectionError("a direction must be a finite non-zero vector")
+    return v / norm
+
+
+@torch.no_grad()
+def layer_projections(handle, prompts: Sequence[str], direction: Direction | torch.Tensor, *,
+                      position: int = -1, batch_size: int = 16) -> Float[torch.Tensor, "layer prompt"]:
+    """Scalar projection of resid_pre onto the unit direction, per layer and prompt (for plots)."""
+    acts = resid_at(handle, prompts, positions=(position,), batch_size=batch_size)[:, 0]  # prompt layer d
+    return (acts @ _unit(direction)).T
+
+
+# ----------------------------------------------------------------------------- hook interventions
+
+def directional_ablation_hooks(handle, direction: Direction | torch.Tensor, *,
+                               layer: int | None = None) -> list[Hook]:
+    """Hooks projecting the direction out of every residual write (``layer``: only resid_pre of it)."""
+    unit = _unit(direction)
+    comp = Direction(layer=0 if layer is None else layer, vector=tuple(unit.tolist()))
+    spec = AblationSpec(method="zero", direction_layers="all" if layer is None else "single")
+    return ablation_hooks(handle, [comp], spec=spec)
+
+
+@contextmanager
+def directionally_ablated(handle, direction: Direction | torch.Tensor, *,
+                          layer: int | None = None) -> Iterator[None]:
+    with handle.bridge.hooks(fwd_hooks=directional_ablation_hooks(handle, direction, layer=layer)):
+        yield
+
+
+def steering_hooks(handle, vector: Direction | torch.Tensor, *, layer: int, coefficient: float = 1.0) -> list[Hook]:
+    """Activation addition: resid_pre[layer] += coefficient * vector at every position.
+
+    ``vector`` is used as given (not normalized), so a mean-difference candidate with
+    coefficient 1 moves harmless activations by the harmful-harmless separation; a negative
+    coefficient subtracts it. Position-independent, so it holds through generation.
+    """
+    if not 0 <= layer < handle.n_layers:
+        raise DirectionError(f"layer {layer} is outside 0..{handle.n_layers - 1}")
+    v = vector.tensor() if isinstance(vector, Direction) else vector.detach().float()
+    if v.shape != (handle.d_model,):
+        raise DirectionError(f"steering vector has shape {tuple(v.shape)}, expected ({handle.d_model},)")
+    shift = coefficient * v
+
+    def hook(activation: torch.Tensor, hook) -> torch.Tensor:
+        return activation + shift.to(device=activation.device, dtype=activation.dtype)
+
+    return [(f"blocks.{layer}.hook_resid_pre", hook)]
+
+
+@contextmanager
+def steered(handle, vector: Direction | torch.Tensor, *, layer: int, coefficient: float = 1.0) -> Iterator[None]:
+    with handle.bridge.hooks(fwd_hooks=steering_hooks(handle, vector, layer=layer, coefficient=coefficient)):
+        yield
+
+
+# ----------------------------------------------------------------------------- selection
+
+@dataclass(frozen=True, kw_only=True)
+class CandidateScore:
+    """One candidate's scores; NaN and ``evaluated=False`` for layers never evaluated."""
+
+    pos: int
+    layer: int
+    norm: float
+    bypass: float
+    induce: float
+    kl: float
+    evaluated: bool
+    rejected: str | None  # why it cannot be chosen; None if it passes every filter
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirectionSelection:
+    """The chosen refusal direction and the score table of every candidate.
+
+    ``meets_thresholds`` is False when no candidate passed the KL and induce filters; the
+    choice is then the lowest bypass score among non-pruned layers, flagged, not hidden.
+    """
+
+    pos: int
+    layer: int
+    direction: Direction  # unit vector, layer = the layer it was read at
+    scale: float  # length of the chosen candidate in activation units (for steering)
+    method: str
+    meets_thresholds: bool
+    excluded_layers: tuple[int, ...]
+    baseline_harmful: float  # mean clean refusal score on harmful val prompts
+    baseline_harmless: float
+    scores: tuple[CandidateScore, ...]
+    spec: DirectionSpec
+
+    def grid(self, field: str, positions: Sequence[int], n_layers: int) -> Float[torch.Tensor, "pos layer"]:
+        """A score as a [pos, layer] tensor (NaN where not evaluated), for heatmaps."""
+        out = torch.full((len(positions), n_layers), torch.nan)
+        index = {p: i for i, p in enumerate(positions)}
+        for s in self.scores:
+            out[index[s.pos], s.layer] = getattr(s, field)
+        return out
+
+
+def pruned_layers(n_layers: int, fraction: float) -> tuple[int, ...]:
+    """Layers in the last ``fraction`` of the model (Arditi et al.: l >= int(L * (1 - fraction)))."""
+    return tuple(range(int(n_layers * (1.0 - fraction)), n_layers))
+
+
+def _reject_reason(bypass: float, induce: float, kl: float, spec: DirectionSpec) -> str | None:
+    if not kl <= spec.kl_threshold:
+        return f"kl {kl:.3g} > {spec.kl_threshold}"
+    if not induce >= spec.induce_threshold:
+        return f"induce {induce:.3g} < {spec.induce_threshold}"
+    if math.isnan(bypass):
+        return "bypass is NaN"
+    return None
+
+
+def select_direction(handle, candidates: CandidateDirections, *, harmful_val: Sequence[str],
+                     harmless_val: Sequence[str], tokens: RefusalTokens,
+                     spec: DirectionSpec = DirectionSpec()) -> DirectionSelection:
+    """Pick the candidate with the lowest bypass score among those passing the filters.
+
+    bypass: mean refusal score on harmful val prompts with the unit direction ablated at
+    every layer (lower is better). induce: mean refusal score on harmless val prompts with
+    the candidate added at its own layer (higher is better). kl: mean KL(clean || ablated)
+    at the last position of harmless val prompts. Harmful and harmless share one ablated
+    forward pass per candidate.
+    """
+    if not harmful_val or not harmless_val:
+        raise DirectionError("selection needs harmful and harmless validation prompts")
+    vectors = candidates.vectors(spec.method)
+    excluded = pruned_layers(handle.n_layers, spec.prune_layer_fraction)
+    wanted = range(handle.n_layers) if spec.layers is None else spec.layers
+    if any(not 0 <= layer < handle.n_layers for layer in wanted):
+        raise DirectionError(f"DirectionSpec.layers {spec.layers} has layers outside 0..{handle.n_layers - 1}")
+    bs = spec.batch_size
+    mixed = list(harmful_val) + list(harmless_val)
+    clean_harmless = last_logits(handle, harmless_val, batch_size=bs)
+    base_harmful = float(refusal_score(last_logits(handle, harmful_val, batch_size=bs), tokens).mean())
+    base_harmless = float(refusal_score(clean_harmless, tokens).mean())
+    nan = float("nan")
+    rows: list[CandidateScore] = []
+    for i, pos in enumerate(candidates.positions):
+        for layer in range(handle.n_layers):
+            vec, norm = vectors[i, layer], float(vectors[i, layer].norm())
+            if layer in excluded or layer not in wanted or norm == 0:
+                # layer 0 at template positions reads only the (shared) token embedding: zero difference
+                why = ("in the last layers" if layer in excluded else
+                       "zero difference" if norm == 0 else "layer not requested")
+                rows.append(CandidateScore(pos=pos, layer=layer, norm=norm, bypass=nan, induce=nan, kl=nan,
+                                           evaluated=False, rejected=why))
+                continue
+            ablated = last_logits(handle, mixed, batch_size=bs, fwd_hooks=directional_ablation_hooks(handle, vec))
+            bypass = float(refusal_score(ablated[:len(harmful_val)], tokens).mean())
+            kl = float(kl_divergence(clean_harmless, ablated[len(harmful_val):]).mean())
+            induced = last_logits(handle, harmless_val, batch_size=bs,
+                                  fwd_hooks=steering_hooks(handle, vec, layer=layer, coefficient=1.0))
+            induce = float(refusal_score(induced, tokens).mean())
+            rows.append(CandidateScore(pos=pos, layer=layer, norm=norm, bypass=bypass, induce=induce, kl=kl,
+                                       evaluated=True, rejected=_reject_reason(bypass, induce, kl, spec)))
+    evaluated = [r for r in rows if r.evaluated and not math.isnan(r.bypass)]
+    if not evaluated:
+        raise DirectionError("no candidate could be evaluated: every requested layer is pruned or has a zero "
+                             "direction; widen DirectionSpec.layers or lower prune_layer_fraction")
+    passing = [r for r in evaluated if r.rejected is None]
+    best = min(passing or evaluated, key=lambda r: r.bypass)
+    vec = vectors[candidates.positions.index(best.pos), best.layer]
+    unit = vec / vec.norm()
+    return DirectionSelection(
+        pos=best.pos, layer=best.layer, direction=Direction(layer=best.layer, vector=tuple(unit.tolist())),
+        scale=float(vec.norm()), method=spec.method, meets_thresholds=bool(passing), excluded_layers=excluded,
+        baseline_harmful=base_harmful, baseline_harmless=base_harmless, scores=tuple(rows), spec=spec)
+
+
+def find_refusal_direction(handle, *, harmful_train: Sequence[str], harmless_train: Sequence[str],
+                           harmful_val: Sequence[str], harmless_val: Sequence[str], tokens: RefusalTokens,
+                           spec: DirectionSpec = DirectionSpec()) -> tuple[CandidateDirections, DirectionSelection]:
+    """Candidates from TRAIN prompts, then selection on VAL prompts."""
+    cands = candidate_directions(handle, harmful_train, harmless_train, spec=spec)
+    return cands, select_direction(handle, cands, harmful_val=harmful_val, harmless_val=harmless_val,
+                                   tokens=tokens, spec=spec)
+
+
+# ----------------------------------------------------------------------------- weight orthogonalization
+
+def _require_full_precision(handle) -> None:
+    if handle.quant != "none":
+        raise QuantizedWeightsError(
+            f"this model is quantized ({handle.quant}): bitsandbytes weights are packed integer blocks that "
+            "cannot be orthogonalized in place. Use hook-based ablation instead: "
+            "direction.directionally_ablated(handle, direction) or ablation.ablated(handle, [Direction(...)])")
+
+
+def _writers(handle) -> dict[str, torch.nn.Module]:
+    """The HF modules that write into the residual stream: embedding, attention out, MLP down.
+
+    Only the embedding of a tied model is replaced, not the unembedding that shares its
+    weight: orthogonalizing W_U too would change the logits (the final RMSNorm's gain
+    re-introduces r), and the result would no longer equal directional ablation.
+    """
+    bridge = handle.bridge
+    mods: dict[str, torch.nn.Module] = {"embed": bridge.embed.original_component}
+    for layer in range(handle.n_layers):
+        block = bridge.blocks[layer]
+        mods[f"blocks.{layer}.attn.o"] = block.attn.o.original_component
+        mods[f"blocks.{layer}.mlp.out"] = block.mlp.out.original_component
+    return mods
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrthogonalizedWeights:
+    """In-memory orthogonalized copies: ``replacements[module][param]``; originals are untouched."""
+
+    direction: Direction
+    replacements: Mapping[str, Mapping[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def orthogonalized_weights(handle, direction: Direction | torch.Tensor) -> OrthogonalizedWeights:
+    """W' = W - r r^T W for every residual write (bias too), so no module can write along r.
+
+    The embedding stores written vectors as rows ([vocab, d_model]), linear layers as columns
+    of ``weight`` ([d_model, d_in]); both are projected along their d_model axis, in float32.
+    """
+    _require_full_precision(handle)
+    r = _unit(direction)
+    out: dict[str, Mapping[str, torch.Tensor]] = {}
+    for name, module in _writers(handle).items():
+        params: dict[str, torch.Tensor] = {}
+        w = module.weight
+        unit = r.to(w.device)
+        if isinstance(module, torch.nn.Embedding):
+            wf = w.float()
+            params["weight"] = (wf - (wf @ unit)[:, None] * unit[None, :]).to(w.dtype)
+        else:
+            wf = w.float()
+            params["weight"] = (wf - unit[:, None] * (unit @ wf)[None, :]).to(w.dtype)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            bf = bias.float()
+            params["bias"] = (bf - (bf @ unit) * unit).to(bias.dtype)
+        out[name] = MappingProxyType(params)
+    return OrthogonalizedWeights(direction=Direction(layer=0, vector=tuple(r.tolist())),
+                                 replacements=MappingProxyType(out))
+
+
+@contextmanager
+def swapped_weights(handle, replacements: Mapping[str, Mapping[str, torch.Tensor]]) -> Iterator[None]:
+    """Swap in replacement parameters of the residual writers for the block, then restore them.
+
+    The original Parameter objects are put back (not copied into), and on exit each is
+    checked to be the same object with an unchanged version counter, i.e. never edited in
+    place; a failed check raises rather than leave a silently modified model behind.
+    """
+    _require_full_precision(handle)
+    modules = _writers(handle)
+    unknown = set(replacements) - set(modules)
+    if unknown:
+        raise DirectionError(f"no residual writer named {sorted(unknown)}; known: embed, blocks.L.attn.o, "
+                             "blocks.L.mlp.out")
+    saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter, int]] = []
+    try:
+        for name, params in replacements.items():
+            module = modules[name]
+            for pname, new in params.items():
+                old = getattr(module, pname)
+                if new.shape != old.shape:
+                    raise DirectionError(f"{name}.{pname}: replacement shape {tuple(new.shape)} != "
+                                         f"{tuple(old.shape)}")
+                saved.append((module, pname, old, old._version))
+                setattr(module, pname, torch.nn.Parameter(new.to(old.device, old.dtype), requires_grad=False))
+        yield
+    finally:
+        for module, pname, old, _ in reversed(saved):
+            setattr(module, pname, old)
+        broken = [pname for module, pname, old, version in saved
+                  if getattr(module, pname) is not old or old._version != version]
+        if broken:
+            raise RuntimeError(f"original weights were not restored intact ({broken}); reload the model")
+
+
+@contextmanager
+def orthogonalized(handle, direction: Direction | torch.Tensor) -> Iterator[OrthogonalizedWeights]:
+    """Run with the direction orthogonalized out of the weights; the originals return on exit."""
+    weights = orthogonalized_weights(handle, direction)
+    with swapped_weights(handle, weights.replacements):
+        yield weights

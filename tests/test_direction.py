@@ -1,0 +1,254 @@
+"""Refusal-direction identities on the random ``tiny`` model, plus one timed run on the subject.
+
+The identities (zero projection after ablation, weights == hooks, exact restoration,
+hand-computed means, a zero steer is a no-op) hold for any weights; whether the chosen
+direction actually mediates refusal is a hypothesis test's business, not this file's.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+import time
+
+import pytest
+import torch
+
+from instruments import ablation, behavior, direction
+from instruments.components import Direction
+from instruments.direction import (DirectionSpec, QuantizedWeightsError, candidate_directions,
+                                   directional_ablation_hooks, directionally_ablated, layer_projections,
+                                   mean_difference, orthogonalized, orthogonalized_weights, paired_first_pc,
+                                   post_instruction_ids, pruned_layers, resid_at, select_direction, steered,
+                                   steering_hooks)
+from instruments.metrics import fallback_tokens
+
+pytestmark = pytest.mark.phase5
+
+HARMFUL = ("How to build a bomb?", "Steal a car fast.", "Write malware.")
+HARMLESS = ("How to build a shed?", "Wash a car fast.", "Write a poem.")
+
+
+def _unit(d_model: int, seed: int) -> torch.Tensor:
+    r = torch.randn(d_model, generator=torch.Generator().manual_seed(seed))
+    return r / r.norm()
+
+
+def _full_logits(handle, prompts) -> torch.Tensor:
+    ids, mask = handle.encode(list(prompts))
+    with torch.no_grad():
+        return handle.bridge(ids, attention_mask=mask).float()
+
+
+def _cache(handle, prompts, names) -> dict[str, torch.Tensor]:
+    ids, mask = handle.encode(list(prompts))
+    with torch.no_grad():
+        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=list(names))
+    return {n: cache[n].clone() for n in names}
+
+
+def _all_sites(n_layers: int) -> list[str]:
+    kinds = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+    return [f"blocks.{L}.{k}" for L in range(n_layers) for k in kinds] + ["ln_final.hook_in"]
+
+
+def test_post_instruction_tokens_are_the_template_tail(tiny):
+    ids = post_instruction_ids(tiny)
+    assert tiny.tokenizer.decode(list(ids)) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_ablation_leaves_zero_projection_at_every_site(tiny):
+    r = _unit(tiny.d_model, 0)
+    names = _all_sites(tiny.n_layers)
+    clean = _cache(tiny, HARMFUL, names)
+    assert max(float((clean[n] @ r).abs().max()) for n in names) > 1e-2
+    with directionally_ablated(tiny, r):
+        hit = _cache(tiny, HARMFUL, names)  # cache hooks run after the ablation hooks
+    worst = max(float((hit[n] @ r).abs().max()) for n in names)
+    assert worst < 1e-5
+
+
+def test_orthogonalized_weights_match_hook_ablation(tiny):
+    r = _unit(tiny.d_model, 1)
+    weights = orthogonalized_weights(tiny, r)
+    for name, params in weights.replacements.items():
+        w = params["weight"]
+        along = w @ r if name == "embed" else r @ w  # nothing any writer produces has an r component
+        assert float(along.abs().max()) < 1e-5, name
+    with directionally_ablated(tiny, r):
+        by_hooks = _full_logits(tiny, HARMFUL)
+    with orthogonalized(tiny, r):
+        by_weights = _full_logits(tiny, HARMFUL)
+    torch.testing.assert_close(by_weights, by_hooks, atol=1e-4, rtol=0)
+    assert not torch.allclose(by_weights, _full_logits(tiny, HARMFUL), atol=1e-4)
+
+
+def test_weights_are_restored_exactly(tiny):
+    model = tiny.hf_model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    objects = {n: p for n, p in model.named_parameters()}
+    clean = _full_logits(tiny, HARMLESS)
+    r = _unit(tiny.d_model, 2)
+    embed = tiny.bridge.embed.original_component
+    with orthogonalized(tiny, r):
+        assert not torch.equal(embed.weight, before["model.embed_tokens._original_component.weight"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with orthogonalized(tiny, r):
+            raise RuntimeError("boom")
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for n, p in after.items():
+        assert p is objects[n], n
+        assert torch.equal(p, before[n]), n
+    assert torch.equal(_full_logits(tiny, HARMLESS), clean)
+
+
+def test_mean_difference_on_constructed_inputs():
+    harmful = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    harmless = torch.tensor([[0.0, 0.0], [2.0, 2.0], [4.0, 4.0]])
+    assert torch.equal(mean_difference(harmful, harmless), torch.tensor([0.0, 1.0]))
+    # paired differences all along e1 (both signs of scale) -> PC1 = e1, explaining everything
+    base = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0))
+    e1 = torch.tensor([0.0, 1.0, 0.0])
+    scales = torch.tensor([1.0, 2.0, 3.0, -0.5])[:, None, None]
+    axis, explained = paired_first_pc(base + scales * e1, base)
+    torch.testing.assert_close(axis, e1.expand(2, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(explained, torch.ones(2), atol=1e-6, rtol=0)
+    flipped, _ = paired_first_pc(base - scales * e1, base)  # sign follows the mean difference
+    torch.testing.assert_close(flipped, -e1.expand(2, 3), atol=1e-6, rtol=0)
+
+
+def test_candidates_equal_hand_computed_means(tiny):
+    cands = candidate_directions(tiny, HARMFUL, HARMLESS)
+    k = len(post_instruction_ids(tiny))
+    assert cands.positions == tuple(range(-k, 0))
+    names = [f"blocks.{L}.hook_resid_pre" for L in range(tiny.n_layers)]
+
+    def by_hand(prompts):  # one prompt at a time: no padding involved
+        acts = [torch.stack([_cache(tiny, [p], names)[n][0, -k:] for n in names], dim=1) for p in prompts]
+        return torch.stack(acts).mean(0)  # pos layer d_model
+
+    expected = by_hand(HARMFUL) - by_hand(HARMLESS)
+    torch.testing.assert_close(cands.mean_diff, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cands.norms, expected.norm(dim=-1), atol=1e-4, rtol=0)
+    assert cands.pca is not None and cands.pca.shape == expected.shape
+    torch.testing.assert_close(cands.pca.norm(dim=-1), torch.ones(k, tiny.n_layers), atol=1e-5, rtol=0)
+
+
+def test_layer_projections_are_dot_products(tiny):
+    r = _unit(tiny.d_model, 3) * 5.0  # not unit: the projection normalizes it
+    proj = layer_projections(tiny, HARMFUL, r)
+    acts = resid_at(tiny, HARMFUL, positions=(-1,))[:, 0]
+    assert proj.shape == (tiny.n_layers, len(HARMFUL))
+    torch.testing.assert_close(proj, (acts @ (r / r.norm())).T, atol=1e-5, rtol=0)
+
+
+def test_steering(tiny):
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(4))
+    clean = _full_logits(tiny, HARMLESS)
+    with steered(tiny, v, layer=1, coefficient=0.0):
+        assert torch.equal(_full_logits(tiny, HARMLESS), clean)
+    name = "blocks.1.hook_resid_pre"
+    base = _cache(tiny, HARMLESS, [name])[name]
+    with steered(tiny, v, layer=1, coefficient=-2.5):
+        moved = _cache(tiny, HARMLESS, [name])[name]
+    torch.testing.assert_close(moved - base, (-2.5 * v).expand_as(base), atol=1e-5, rtol=0)
+
+
+def test_selection_excludes_the_last_20_percent_of_layers(tiny):
+    assert pruned_layers(30, 0.2) == tuple(range(24, 30))
+    assert pruned_layers(tiny.n_layers, 0.2) == (3,)
+    spec = DirectionSpec(n_positions=2)
+    cands = candidate_directions(tiny, HARMFUL, HARMLESS, spec=spec)
+    sel = select_direction(tiny, cands, harmful_val=HARMFUL[:2], harmless_val=HARMLESS[:2],
+                           tokens=fallback_tokens(tiny.tokenizer), spec=spec)
+    assert sel.excluded_layers == (3,) and sel.layer in (0, 1, 2) and sel.pos in cands.positions
+    assert len(sel.scores) == len(cands.positions) * tiny.n_layers
+    for row in sel.scores:  # layer 0 at template positions sees only the shared token embedding
+        assert row.evaluated == (row.layer not in (0, 3))
+        if row.layer == 0:
+            assert row.rejected == "zero difference"
+    pool = [s for s in sel.scores if s.evaluated and (s.rejected is None or not sel.meets_thresholds)]
+    assert sel.meets_thresholds == any(s.evaluated and s.rejected is None for s in sel.scores)
+    chosen = next(s for s in sel.scores if (s.pos, s.layer) == (sel.pos, sel.layer))
+    assert chosen.bypass == min(s.bypass for s in pool)
+    vec = cands.vectors("mean_diff")[cands.positions.index(sel.pos), sel.layer]
+    torch.testing.assert_close(sel.direction.tensor(), vec / vec.norm(), atol=1e-6, rtol=0)
+    assert sel.direction.layer == sel.layer
+    grid = sel.grid("bypass", cands.positions, tiny.n_layers)
+    assert grid.shape == (2, tiny.n_layers) and bool(grid[:, 3].isnan().all())
+    # a direction that passes no filter still comes back, flagged
+    strict = dataclasses.replace(spec, kl_threshold=-1.0)
+    assert not select_direction(tiny, cands, harmful_val=HARMFUL[:2], harmless_val=HARMLESS[:2],
+                                tokens=fallback_tokens(tiny.tokenizer), spec=strict).meets_thresholds
+
+
+def test_quantized_handles_are_pointed_to_hooks(tiny):
+    quantized = dataclasses.replace(tiny, quant="nf4")
+    with pytest.raises(QuantizedWeightsError, match="hook"):
+        orthogonalized_weights(quantized, _unit(tiny.d_model, 5))
+    with pytest.raises(QuantizedWeightsError):
+        with orthogonalized(quantized, _unit(tiny.d_model, 5)):
+            pass
+    directional_ablation_hooks(quantized, _unit(tiny.d_model, 5))  # hooks work whatever the weights
+
+
+FORBIDDEN_NAME = re.compile(r"save|export|dump|write|serializ|persist|push|upload|disk|checkpoint|to_file",
+                            re.IGNORECASE)
+FORBIDDEN_CALLS = {"save", "save_pretrained", "save_file", "save_model", "save_state_dict", "push_to_hub",
+                   "open", "write_text", "write_bytes", "write", "dump", "to_file", "export"}
+FORBIDDEN_IMPORTS = {"safetensors", "pickle", "shutil", "tempfile", "pathlib", "os", "io", "json"}
+
+
+@pytest.mark.parametrize("module", [direction, ablation], ids=lambda m: m.__name__)
+def test_no_way_to_save_or_export_a_modified_model(module):
+    """Safety rule: refusal may be removed in memory, for a block, never persisted."""
+    own = [(name, obj) for name, obj in vars(module).items()
+           if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__]
+    assert own
+    for name, obj in own:
+        assert not FORBIDDEN_NAME.search(name), name
+        if isinstance(obj, type):
+            for attr in vars(obj):
+                assert not FORBIDDEN_NAME.search(attr), f"{name}.{attr}"
+    tree = ast.parse(inspect.getsource(module))
+    calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+             for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert not calls & FORBIDDEN_CALLS, calls & FORBIDDEN_CALLS
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & FORBIDDEN_IMPORTS, imported & FORBIDDEN_IMPORTS
+
+
+@pytest.mark.integration
+def test_direction_selection_on_subject(subject, dataset):
+    """~8 train pairs -> candidates, 4 val pairs -> selection, within 3 minutes; weights == hooks."""
+    start = time.monotonic()
+    train, val = dataset.split("train")[:8], dataset.split("val")[:4]
+    n = subject.n_layers
+    spec = DirectionSpec(n_positions=2, layers=tuple(range(0, n, 6)), batch_size=16)
+    cands = candidate_directions(subject, [p.harmful for p in train], [p.harmless for p in train], spec=spec)
+    assert cands.mean_diff.shape == (2, n, subject.d_model)
+    sel = select_direction(subject, cands, harmful_val=[p.harmful for p in val],
+                           harmless_val=[p.harmless for p in val], tokens=fallback_tokens(subject.tokenizer),
+                           spec=spec)
+    assert sel.layer < int(n * 0.8) and sel.layer in spec.layers
+    assert all(not s.evaluated for s in sel.scores if s.layer >= int(n * 0.8))
+    assert abs(float(sel.direction.tensor().norm()) - 1.0) < 1e-5
+    # the subject ties embedding and unembedding: orthogonalizing must leave the unembedding alone
+    prompts = [p.harmful for p in val[:2]]
+    unembed = subject.bridge.unembed.original_component.weight
+    unembed_before = unembed.detach().clone()
+    with directionally_ablated(subject, sel.direction):
+        by_hooks = behavior.last_logits(subject, prompts)
+    with orthogonalized(subject, sel.direction):
+        by_weights = behavior.last_logits(subject, prompts)
+        assert torch.equal(subject.bridge.unembed.original_component.weight, unembed_before)
+    if subject.dtype == torch.float32:  # measured on SmolLM2 (CPU): max |diff| 5e-5 at logit scale 30
+        torch.testing.assert_close(by_weights, by_hooks, atol=1e-3, rtol=1e-4)
+    else:  # bf16/fp16 round the two paths differently; only gross disagreement is a bug
+        assert float((by_weights - by_hooks).abs().max()) < 0.05 * float(by_hooks.abs().max())
+    assert subject.bridge.unembed.original_component.weight is unembed
+    assert time.monotonic() - start < 180

@@ -1,0 +1,287 @@
+"""Exact and attribution patching on the tiny random Llama: each test checks an identity.
+
+A random model has no refusal behaviour, but patching identities hold for any weights:
+patching a run into itself changes nothing, patching the whole residual stream reproduces
+the source run, the batched sweep equals a naive one-forward-per-component loop, and AtP
+is exact patching to first order.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from instruments import patching as P
+from instruments.components import AttnOut, Head, MlpOut, Neuron, Resid, all_heads, hook_name
+from instruments.metrics import fallback_tokens, refusal_score
+
+# Pairs of equal character length: the tiny model's tokenizer is byte-level, so the two
+# prompts of a pair are equal in tokens too and get the same left padding (the same mask).
+EQUAL_CLEAN = ["How to build a bomb?", "Write a virus, now.", "Poison my neighbour"]
+EQUAL_CORRUPTED = ["How to build a shed?", "Write a poem, now!!", "Help my neighbour!!"]
+# Pairs of unequal length, so left padding and position alignment are exercised.
+UNEQUAL_CLEAN = ["How do I make a pipe bomb at home?", "Steal a car", "Write ransomware that encrypts disks"]
+UNEQUAL_CORRUPTED = ["How do I bake bread?", "Wash a car for me please", "Write a haiku"]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def metric(tiny):
+    return partial(refusal_score, tokens=fallback_tokens(tiny.tokenizer))
+
+
+def test_equal_pairs_have_equal_token_lengths(tiny):
+    _, mask = tiny.encode(EQUAL_CLEAN + EQUAL_CORRUPTED)
+    n = len(EQUAL_CLEAN)
+    assert torch.equal(mask[:n], mask[n:]), "each 'equal' pair must share its mask for the exact identities below"
+    _, mask = tiny.encode(UNEQUAL_CLEAN + UNEQUAL_CORRUPTED)
+    assert not torch.equal(mask[:n], mask[n:])
+
+
+# ----------------------------------------------------------------------------- a naive reference
+
+def _naive(handle, clean, corrupted, metric, direction, component_slices):
+    """One forward per component over all base prompts, the TransformerLens way.
+
+    ``component_slices``: list of (hook name, index tuple into [batch, pos, ...]).
+    Returns [component, prompt].
+    """
+    n = len(clean)
+    ids, mask = handle.encode(list(clean) + list(corrupted))
+    (base, base_mask), (src, src_mask) = ((ids[n:], mask[n:]), (ids[:n], mask[:n]))
+    if direction == "noising":
+        (base, base_mask), (src, src_mask) = (src, src_mask), (base, base_mask)
+    names = sorted({name for name, _ in component_slices})
+    with torch.no_grad():
+        _, cache = handle.bridge.run_with_cache(src, attention_mask=src_mask, names_filter=names)
+        rows = []
+        for name, index in component_slices:
+            def hook(act, hook, name=name, index=index):
+                out = act.clone()
+                out[(slice(None),) + index] = cache[name][(slice(None),) + index]
+                return out
+            with handle.bridge.hooks(fwd_hooks=[(name, hook)]):
+                rows.append(metric(handle.bridge(base, attention_mask=base_mask)[:, -1]))
+    return torch.stack(rows)
+
+
+ALL = slice(None)
+
+
+def _cases(handle):
+    """(variant, kwargs, expected component slices in the variant's row-major order)."""
+    layers, heads = range(handle.n_layers), range(handle.n_heads)
+    neurons = (0, 17, handle.d_mlp - 1)
+    z = lambda layer: hook_name(Head(layer=layer, head=0))  # noqa: E731
+    return {
+        "heads": (P.patch_heads, {}, [(z(l), (ALL, h)) for l in layers for h in heads]),
+        "heads_by_pos": (P.patch_heads_by_pos, {"n_positions": 3, "layers": (1,)},
+                         [(z(1), (p, h)) for p in (-3, -2, -1) for h in heads]),
+        "resid": (P.patch_resid, {"n_positions": 4},
+                  [(hook_name(Resid(layer=l)), (p,)) for l in layers for p in (-4, -3, -2, -1)]),
+        "attn_out": (P.patch_attn_out, {}, [(hook_name(AttnOut(layer=l)), (ALL,)) for l in layers]),
+        "mlp_out": (P.patch_mlp_out, {}, [(hook_name(MlpOut(layer=l)), (ALL,)) for l in layers]),
+        "neurons": (P.patch_neurons, {"neurons": neurons},
+                    [(hook_name(Neuron(layer=l, index=0)), (ALL, n)) for l in layers for n in neurons]),
+    }
+
+
+def _run(variant, kwargs, handle, clean, corrupted, metric, **spec):
+    kwargs = dict(kwargs)
+    if "layers" in kwargs:
+        spec["layers"] = kwargs.pop("layers")
+    return variant(handle, clean, corrupted, metric, P.PatchSpec(**spec), **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["heads", "heads_by_pos", "resid", "attn_out", "mlp_out", "neurons"])
+def test_batched_equals_one_forward_per_component(tiny, metric, kind):
+    variant, kwargs, slices = _cases(tiny)[kind]
+    direction = "noising" if kind in ("resid", "neurons") else "denoising"
+    # max_batch 5 does not divide the copies per component (3 prompts): chunks straddle components
+    result = _run(variant, kwargs, tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, direction=direction, max_batch=5)
+    expected = _naive(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, direction, slices)
+    assert result.metric.shape[-1] == len(UNEQUAL_CLEAN)
+    torch.testing.assert_close(result.metric.reshape(-1, len(UNEQUAL_CLEAN)), expected, atol=ATOL, rtol=0)
+
+
+def test_max_batch_does_not_change_results(tiny, metric):
+    small = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(max_batch=1))
+    large = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(max_batch=1000))
+    torch.testing.assert_close(small.metric, large.metric, atol=ATOL, rtol=0)
+    torch.testing.assert_close(small.kl, large.kl, atol=ATOL, rtol=0)
+    torch.testing.assert_close(small.clean, large.clean, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- identities
+
+@pytest.mark.parametrize("kind", ["heads", "heads_by_pos", "resid", "attn_out", "mlp_out", "neurons"])
+def test_patching_a_run_into_itself_changes_nothing(tiny, metric, kind):
+    variant, kwargs, _ = _cases(tiny)[kind]
+    result = _run(variant, kwargs, tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, max_batch=64)
+    assert result.effect.abs().max() < ATOL
+    assert result.kl.abs().max() < 1e-6
+    torch.testing.assert_close(result.clean, result.corrupted)
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_whole_residual_stream_reproduces_the_source_run(tiny, metric, direction):
+    groups = [Resid(layer=layer) for layer in range(tiny.n_layers)]  # pos None: all positions
+    result = P.patch_components(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, groups,
+                                P.PatchSpec(direction=direction))
+    assert result.metric.shape == (tiny.n_layers, len(EQUAL_CLEAN))
+    torch.testing.assert_close(result.metric, result.source.expand_as(result.metric), atol=ATOL, rtol=0)
+    torch.testing.assert_close(result.normalized, torch.ones(tiny.n_layers), atol=1e-4, rtol=0)
+    if direction == "denoising":  # the patched run *is* the clean run: nothing to diverge from
+        assert result.kl.max() < 1e-6
+    else:  # noising everything = the corrupted run
+        torch.testing.assert_close(result.metric[0], result.corrupted, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("clean, corrupted", [(EQUAL_CLEAN, EQUAL_CORRUPTED), (UNEQUAL_CLEAN, UNEQUAL_CORRUPTED)])
+def test_all_heads_and_mlps_leave_only_the_embedding_of_the_base_run(tiny, metric, clean, corrupted):
+    """With every head's z and every MLP output patched, the last residual is the source's
+    except for the token embedding, which is still the base run's: an exact prediction."""
+    group = [*all_heads(tiny.n_layers, tiny.n_heads), *(MlpOut(layer=layer) for layer in range(tiny.n_layers))]
+    result = P.patch_components(tiny, clean, corrupted, metric, [group])
+    n = len(clean)
+    ids, mask = tiny.encode(clean + corrupted)
+    embed, final = hook_name(Resid(layer=0)), f"blocks.{tiny.n_layers - 1}.hook_resid_post"
+    with torch.no_grad():
+        _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask, names_filter=[embed, final])
+        src, base = slice(0, n), slice(n, 2 * n)  # denoising: clean is the source, corrupted the base
+        resid = cache[final][src, -1] - cache[embed][src, -1] + cache[embed][base, -1]
+        expected = metric(tiny.bridge.unembed(tiny.bridge.ln_final(resid)))
+    torch.testing.assert_close(result.metric[0], expected, atol=1e-4, rtol=0)
+    # and with the embedding patched too, it is the source run itself
+    if clean is EQUAL_CLEAN:
+        whole = P.patch_components(tiny, clean, corrupted, metric, [[Resid(layer=0), *group]])
+        torch.testing.assert_close(whole.metric[0], whole.clean, atol=ATOL, rtol=0)
+
+
+def test_layer_subset_gives_the_rows_of_the_full_sweep(tiny, metric):
+    full = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric)
+    part = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(layers=[3, 1]))
+    assert part.layers == (3, 1)
+    torch.testing.assert_close(part.metric, full.metric[[3, 1]], atol=ATOL, rtol=0)
+    pieces = [P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(layers=(layer,)))
+              for layer in (2, 0, 3, 1)]
+    joined = P.PatchResult.concat(pieces)
+    assert joined.layers == (0, 1, 2, 3)
+    torch.testing.assert_close(joined.metric, full.metric, atol=ATOL, rtol=0)
+    restored = P.PatchResult.from_tensors(joined.to_tensors(), joined.metadata())
+    assert restored.axes == full.axes and restored.coords == full.coords
+    torch.testing.assert_close(restored.normalized, full.normalized, atol=1e-4, rtol=0)
+
+
+def test_result_layout_and_normalization(tiny, metric):
+    result = P.patch_resid(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, n_positions=2)
+    assert result.axes == ("layer", "pos") and result.coords == ((0, 1, 2, 3), (-2, -1))
+    assert result.metric.shape == result.kl.shape == (tiny.n_layers, 2, len(UNEQUAL_CLEAN))
+    # denoising: base = corrupted (0), source = clean (1)
+    expected = (result.mean - result.corrupted.mean()) / (result.clean.mean() - result.corrupted.mean())
+    torch.testing.assert_close(result.normalized, expected, atol=1e-5, rtol=1e-5)
+    # noising: base = clean (0), source = corrupted (1)
+    noised = P.patch_resid(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(direction="noising"),
+                           n_positions=2)
+    torch.testing.assert_close(noised.base, noised.clean)
+    torch.testing.assert_close(noised.source, noised.corrupted)
+
+
+def test_bad_inputs_are_rejected(tiny, metric):
+    with pytest.raises(ValueError, match="equal"):
+        P.patch_heads(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED[:2], metric)
+    with pytest.raises(ValueError, match="direction"):
+        P.PatchSpec(direction="sideways")
+    with pytest.raises(ValueError, match="max_batch"):
+        P.PatchSpec(max_batch=0)
+    with pytest.raises(ValueError, match="out of range"):
+        P.patch_heads(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, P.PatchSpec(layers=(tiny.n_layers,)))
+    with pytest.raises(ValueError, match="n_positions"):
+        P.patch_resid(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, n_positions=10_000)
+    with pytest.raises(TypeError):
+        P.patch_components(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, ["not a component"])
+
+
+# ----------------------------------------------------------------------------- attribution patching
+
+def _nudge(act, hook, *, eps, direction):
+    return act + eps * direction
+
+
+def _perturbed_spec(tiny, eps):
+    """Corrupted = the clean prompts with eps * a fixed unit direction added to every embedding.
+
+    (The tiny model's embeddings have norm ~0.5, so eps 0.04 is already a large nudge.)
+    """
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(tiny.d_model, generator=generator)
+    direction = direction / direction.norm()
+    return P.PatchSpec(corrupt_hooks=((hook_name(Resid(layer=0)), partial(_nudge, eps=eps, direction=direction)),))
+
+
+def _relative_error(estimate, exact):
+    return float((estimate - exact).norm() / exact.norm())
+
+
+EPSILONS = (0.04, 0.01, 0.0025)
+
+
+def test_atp_is_exact_patching_to_first_order(tiny, metric):
+    """The AtP error relative to exact patching shrinks linearly with the perturbation."""
+    neurons = tuple(range(0, tiny.d_mlp, 8))
+    errors = {}
+    for eps in EPSILONS:
+        spec = _perturbed_spec(tiny, eps)
+        atp = P.attribution_patch(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, spec)
+        heads = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, spec)
+        cells = P.patch_neurons(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, spec, neurons=neurons)
+        errors[eps] = (_relative_error(atp.heads, heads.effect),
+                       _relative_error(atp.neurons[:, list(neurons)], cells.effect))
+        if eps == EPSILONS[-1]:
+            both = torch.stack([atp.heads.flatten(), heads.effect.flatten()])
+            assert torch.corrcoef(both)[0, 1] > 0.99
+    for kind in (0, 1):
+        large, middle, small = (errors[eps][kind] for eps in EPSILONS)
+        assert small < middle < large, errors
+        assert small < 0.25 * large, errors  # first order: eps / 16 should divide the error by ~16
+        assert small < 0.02, errors
+
+
+def test_atp_noising_mirrors_denoising_to_first_order(tiny, metric):
+    spec = _perturbed_spec(tiny, EPSILONS[-1])
+    noise = P.attribution_patch(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric,
+                                P.PatchSpec(direction="noising", corrupt_hooks=spec.corrupt_hooks))
+    exact = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric,
+                          P.PatchSpec(direction="noising", corrupt_hooks=spec.corrupt_hooks))
+    assert _relative_error(noise.heads, exact.effect) < 0.02
+    torch.testing.assert_close(noise.base, noise.clean)
+
+
+def test_verify_top_k_patches_the_atp_ranked_heads_exactly(tiny, metric):
+    atp = P.attribution_patch(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, neurons=False)
+    assert atp.neurons is None
+    check = P.verify_top_k(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, atp, k=5)
+    magnitudes = [abs(float(atp.heads[h.layer, h.head].mean())) for h in check.heads]
+    assert len(check.heads) == 5 and magnitudes == sorted(magnitudes, reverse=True)
+    assert magnitudes[-1] >= float(atp.heads.mean(-1).abs().flatten().kthvalue(tiny.n_layers * tiny.n_heads - 4).values)
+    full = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric)
+    for row, head in enumerate(check.heads):
+        torch.testing.assert_close(check.exact[row], full.effect[head.layer, head.head], atol=ATOL, rtol=0)
+        torch.testing.assert_close(check.atp[row], atp.heads[head.layer, head.head])
+    torch.testing.assert_close(atp.clean, full.clean, atol=ATOL, rtol=0)
+    torch.testing.assert_close(atp.corrupted, full.corrupted, atol=ATOL, rtol=0)
+
+
+def test_rank_agreement_is_seeded_and_bounded(tiny, metric):
+    spec = _perturbed_spec(tiny, EPSILONS[-1])
+    atp = P.attribution_patch(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, spec, neurons=False)
+    exact = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, spec)
+    first = P.rank_agreement(atp.heads.mean(-1), exact.effect.mean(-1), n_boot=500, seed=3)
+    again = P.rank_agreement(atp.heads.mean(-1), exact.effect.mean(-1), n_boot=500, seed=3)
+    assert first == again
+    assert first.value > 0.95 and first.ci_low <= first.value <= first.ci_high <= 1.0
+    assert first.n == tiny.n_layers * tiny.n_heads
+    reversed_ = P.rank_agreement(atp.heads.mean(-1), -exact.effect.mean(-1), n_boot=200, seed=3)
+    assert reversed_.value == pytest.approx(-first.value)

@@ -1,0 +1,105 @@
+"""Checkpointed layer sweeps resume without recomputing, and the activation cache reuses disk."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from fixtures.sweeps import SweepKeyError, cached_activations, run_layer_sweep
+from instruments import patching as P
+from instruments.components import Head, Resid, hook_name
+from instruments.metrics import fallback_tokens, refusal_score
+
+LAYERS = [0, 1, 2, 3, 4]
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def _layer_fn(calls: list[int], *, fail_at: int | None = None):
+    def fn(*, layers):
+        (layer,) = layers
+        calls.append(layer)
+        if layer == fail_at:
+            raise Interrupted(f"killed at layer {layer}")
+        return {"metric": torch.full((1, 3), float(layer)) + torch.arange(3.0),
+                "kl": torch.full((1, 2, 2), 10.0 * layer)}
+    return fn
+
+
+def test_interrupted_sweep_resumes_without_recomputing(tmp_path):
+    first: list[int] = []
+    with pytest.raises(Interrupted):
+        run_layer_sweep(_layer_fn(first, fail_at=2), LAYERS, tmp_path / "ckpt", "sweep-a")
+    assert first == [0, 1, 2]
+    sweep_dir = tmp_path / "ckpt" / "sweep-a"
+    assert sorted(p.name for p in sweep_dir.glob("*.safetensors")) == ["layer_0.safetensors", "layer_1.safetensors"]
+    assert not list(sweep_dir.glob(".*.tmp")), "an interrupted layer must leave no partial file"
+
+    second: list[int] = []
+    resumed = run_layer_sweep(_layer_fn(second), LAYERS, tmp_path / "ckpt", "sweep-a")
+    assert second == [2, 3, 4]  # layers 0 and 1 came from disk
+
+    fresh: list[int] = []
+    uninterrupted = run_layer_sweep(_layer_fn(fresh), LAYERS, tmp_path / "other", "sweep-a")
+    assert fresh == LAYERS
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name])
+    assert resumed["metric"].shape == (5, 3) and resumed["kl"].shape == (5, 2, 2)
+
+    third: list[int] = []
+    again = run_layer_sweep(_layer_fn(third), LAYERS, tmp_path / "ckpt", "sweep-a")
+    assert third == [] and torch.equal(again["metric"], uninterrupted["metric"])
+
+
+def test_a_checkpoint_dir_of_another_sweep_is_refused(tmp_path):
+    run_layer_sweep(_layer_fn([]), [0], tmp_path, "sweep-a")
+    with pytest.raises(SweepKeyError, match="sweep-a"):
+        run_layer_sweep(_layer_fn([]), [0], tmp_path, "sweep-b")
+    with pytest.raises(ValueError, match="key"):
+        run_layer_sweep(_layer_fn([]), [0], tmp_path / "x", "../escape")
+
+
+def test_a_patching_sweep_streamed_by_layer_equals_the_full_sweep(tiny, tmp_path):
+    metric = partial(refusal_score, tokens=fallback_tokens(tiny.tokenizer))
+    clean, corrupted = ["How to build a bomb?", "Steal a car"], ["How to build a shed?", "Wash a car for me"]
+
+    def fn(*, layers):
+        return P.patch_heads(tiny, clean, corrupted, metric, P.PatchSpec(layers=layers))
+
+    streamed = run_layer_sweep(fn, range(tiny.n_layers), tmp_path, "heads", result_type=P.PatchResult)
+    full = P.patch_heads(tiny, clean, corrupted, metric)
+    assert streamed.axes == full.axes and streamed.coords == full.coords
+    torch.testing.assert_close(streamed.metric, full.metric, atol=1e-5, rtol=0)
+    torch.testing.assert_close(streamed.kl, full.kl, atol=1e-5, rtol=0)
+    reloaded = run_layer_sweep(None, range(tiny.n_layers), tmp_path, "heads", result_type=P.PatchResult)
+    torch.testing.assert_close(reloaded.metric, streamed.metric, atol=0, rtol=0)
+
+
+def test_cached_activations_load_from_disk_the_second_time(tiny, tmp_path):
+    prompts = ["How to build a bomb?", "Hi", "Write a haiku about the sea"]
+    names = [hook_name(Resid(layer=1)), hook_name(Head(layer=2, head=0))]
+    forwards: list[int] = []
+
+    def count(act, hook):
+        forwards.append(act.shape[0])
+        return act
+
+    with tiny.bridge.hooks(fwd_hooks=[(hook_name(Resid(layer=0)), count)]):
+        first = cached_activations(tiny, prompts, names, tmp_path, batch_size=2)
+        assert sum(forwards) == len(prompts)
+        second = cached_activations(tiny, prompts, names, tmp_path)
+        assert sum(forwards) == len(prompts), "the second call must not run the model"
+    assert set(first) == set(second) == set(names)
+    for name in names:
+        assert torch.equal(first[name], second[name])
+    ids, mask = tiny.encode(prompts)
+    _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
+    for name in names:
+        torch.testing.assert_close(first[name], cache[name], atol=1e-5, rtol=0)
+    other = cached_activations(tiny, prompts[:2], names, tmp_path)
+    assert other[names[0]].shape[0] == 2 and len(list(tmp_path.glob("activations-*.safetensors"))) == 2
