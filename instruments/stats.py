@@ -32,6 +32,9 @@ Alternative = Literal["two-sided", "greater", "less"]
 BootMethod = Literal["bca", "percentile"]
 # A vectorised statistic: arrays [..., n] (one per data argument) -> [...].
 Statistic = Callable[..., np.ndarray]
+# One value per item (prompt, pair); torch CPU tensors and lists are accepted too.
+Items = Float[np.ndarray, "n"] | Sequence[float]
+PairedItems = Float[np.ndarray, "n"] | Sequence[float]
 
 # Sign-flip permutation tests enumerate all 2**n flips up to this n (32768 rows x 15).
 EXACT_PERMUTATION_MAX_N = 15
@@ -48,7 +51,7 @@ class InsufficientDataError(ValueError):
     def __init__(self, statistic: str, *, n: int, minimum: int, unit: str = "items") -> None:
         self.statistic, self.n, self.minimum = statistic, n, minimum
         super().__init__(f"{statistic} needs at least {minimum} {unit}, got {n}; "
-                         f"add prompt pairs (or more items) so the estimate has a meaningful uncertainty")
+                         "add prompt pairs (or more items) so the estimate has a meaningful uncertainty")
 
 
 class DegenerateDataError(ValueError):
@@ -160,12 +163,15 @@ def _bca_bounds(theta: float, boot: np.ndarray, jack: np.ndarray, alpha: float) 
     return float(low), float(high)
 
 
-def _jackknife(data: tuple[np.ndarray, ...], statistic: Statistic) -> np.ndarray:
-    n = data[0].size
-    # Row i of `keep` lists every index but i (j below i stays j, j from i on becomes j + 1):
-    # all n leave-one-out samples in one vectorised call of the statistic.
+def _leave_one_out(n: int) -> np.ndarray:
+    """[n, n - 1] indices; row i lists every index but i (j < i stays j, j >= i becomes j + 1)."""
     j = np.arange(n - 1)[None, :]
-    keep = j + (j >= np.arange(n)[:, None])
+    return j + (j >= np.arange(n)[:, None])
+
+
+def _jackknife(data: tuple[np.ndarray, ...], statistic: Statistic) -> np.ndarray:
+    # all n leave-one-out samples in one vectorised call of the statistic
+    keep = _leave_one_out(data[0].size)
     return np.asarray(statistic(*(d[keep] for d in data)), dtype=np.float64)
 
 
@@ -179,8 +185,9 @@ def _finite_replicates(statistic_name: str, boot: np.ndarray) -> np.ndarray:
     return finite
 
 
-def bootstrap_ci(data: Any, statistic: Statistic | None = None, *, n_boot: int = 2000, alpha: float = 0.05,
-                 seed: int = 0, method: BootMethod = "bca", name: str = "bootstrap") -> Estimate:
+def bootstrap_ci(data: Items | tuple[PairedItems, ...], statistic: Statistic | None = None, *,
+                 n_boot: int = 2000, alpha: float = 0.05, seed: int = 0, method: BootMethod = "bca",
+                 name: str = "bootstrap") -> Estimate:
     """Bootstrap CI of ``statistic`` over items.
 
     ``data`` is one array of n items, or a tuple of equal-length arrays that are paired
@@ -208,7 +215,7 @@ def bootstrap_ci(data: Any, statistic: Statistic | None = None, *, n_boot: int =
     return _estimate(theta, low, high, method=f"bootstrap-{method} (B={n_boot})", n=n, alpha=alpha)
 
 
-def mean_ci(x: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Estimate:
+def mean_ci(x: Items, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Estimate:
     """The mean with a BCa bootstrap CI."""
     return bootstrap_ci(x, n_boot=n_boot, alpha=alpha, seed=seed, name="mean_ci")
 
@@ -238,7 +245,7 @@ def _sign_patterns(n: int, n_perm: int, rng: np.random.Generator) -> tuple[np.nd
     return rng.choice(np.array([1.0, -1.0]), size=(n_perm, n)), False
 
 
-def paired_permutation_test(x: Any, y: Any, *, n_perm: int = 10000, seed: int = 0,
+def paired_permutation_test(x: PairedItems, y: PairedItems, *, n_perm: int = 10000, seed: int = 0,
                             alternative: Alternative = "two-sided", alpha: float = 0.05) -> PermutationResult:
     """Paired test of mean(x - y) = 0 by flipping the signs of the differences.
 
@@ -369,12 +376,12 @@ def _adjust(pvalues: Any, *, alpha: float, method: str, label: str) -> MultipleT
                               reject=tuple(bool(r) for r in reject), method=label, alpha=alpha)
 
 
-def holm(pvalues: Any, *, alpha: float = 0.05) -> MultipleTestResult:
+def holm(pvalues: Items, *, alpha: float = 0.05) -> MultipleTestResult:
     """Holm step-down: controls the family-wise error rate under any dependence."""
     return _adjust(pvalues, alpha=alpha, method="holm", label="holm")
 
 
-def benjamini_hochberg(pvalues: Any, *, alpha: float = 0.05) -> MultipleTestResult:
+def benjamini_hochberg(pvalues: Items, *, alpha: float = 0.05) -> MultipleTestResult:
     """Benjamini-Hochberg step-up: controls the false discovery rate (independent or PRDS tests)."""
     return _adjust(pvalues, alpha=alpha, method="fdr_bh", label="benjamini_hochberg")
 
@@ -387,7 +394,7 @@ def _check_variation(statistic: str, **arrays: np.ndarray) -> None:
             raise DegenerateDataError(f"{statistic}: {name} is constant, so the correlation is undefined")
 
 
-def pearson_ci(x: Any, y: Any, *, alpha: float = 0.05) -> Estimate:
+def pearson_ci(x: PairedItems, y: PairedItems, *, alpha: float = 0.05) -> Estimate:
     """Pearson r with the Fisher-z CI (atanh r ~ Normal(atanh rho, 1/(n-3))); scipy's p-value."""
     a, b = _paired("pearson_ci", x, y, 4)  # the Fisher-z standard error needs n - 3 > 0
     _check_variation("pearson_ci", x=a, y=b)
@@ -409,7 +416,7 @@ def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (ra * rb).sum(-1) / np.sqrt((ra ** 2).sum(-1) * (rb ** 2).sum(-1))
 
 
-def spearman_ci(x: Any, y: Any, *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> Estimate:
+def spearman_ci(x: PairedItems, y: PairedItems, *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> Estimate:
     """Spearman rho with a percentile bootstrap CI over items, and scipy's p-value.
 
     Percentile rather than BCa: resampling duplicates items, so many resamples are full of
@@ -427,7 +434,7 @@ def spearman_ci(x: Any, y: Any, *, n_boot: int = 2000, seed: int = 0, alpha: flo
 
 # ----------------------------------------------------------------------------- effect sizes
 
-def cohens_d(x: Any, y: Any, *, alpha: float = 0.05) -> Estimate:
+def cohens_d(x: Items, y: Items, *, alpha: float = 0.05) -> Estimate:
     """Standardised mean difference of independent groups, (mean x - mean y) / pooled SD.
 
     CI from the large-sample variance of d (Hedges & Olkin 1985):
@@ -448,7 +455,7 @@ def cohens_d(x: Any, y: Any, *, alpha: float = 0.05) -> Estimate:
                      p_value=p)
 
 
-def cohens_dz(x: Any, y: Any, *, alpha: float = 0.05) -> Estimate:
+def cohens_dz(x: PairedItems, y: PairedItems, *, alpha: float = 0.05) -> Estimate:
     """Paired effect size: mean(x - y) / SD(x - y).
 
     CI from var(dz) = 1/n + dz**2 / (2n) (the paired analogue of Hedges & Olkin); p-value:
@@ -473,7 +480,8 @@ def _auc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     return (ranks[..., :n1].sum(-1) - n1 * (n1 + 1) / 2) / (n1 * n2)
 
 
-def roc_auc(scores_pos: Any, scores_neg: Any, *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> Estimate:
+def roc_auc(scores_pos: Items, scores_neg: Items, *, n_boot: int = 2000, seed: int = 0,
+            alpha: float = 0.05) -> Estimate:
     """P(score_pos > score_neg) + 0.5 P(tie): the Mann-Whitney U of pos over n1 n2.
 
     CI: BCa bootstrap, resampling each group separately (stratified, so each resample keeps
@@ -486,15 +494,16 @@ def roc_auc(scores_pos: Any, scores_neg: Any, *, n_boot: int = 2000, seed: int =
     rng = np.random.default_rng(seed)
     boot = _auc_rows(pos[rng.integers(0, pos.size, (n_boot, pos.size))],
                      neg[rng.integers(0, neg.size, (n_boot, neg.size))])
-    jack_pos = _auc_rows(np.stack([np.delete(pos, i) for i in range(pos.size)]), np.broadcast_to(neg, (pos.size, neg.size)))
-    jack_neg = _auc_rows(np.broadcast_to(pos, (neg.size, pos.size)), np.stack([np.delete(neg, i) for i in range(neg.size)]))
+    # jackknife over all n1 + n2 items: leave out one positive, then one negative, at a time
+    jack_pos = _auc_rows(pos[_leave_one_out(pos.size)], np.broadcast_to(neg, (pos.size, neg.size)))
+    jack_neg = _auc_rows(np.broadcast_to(pos, (neg.size, pos.size)), neg[_leave_one_out(neg.size)])
     low, high = _bca_bounds(auc, boot, np.concatenate([jack_pos, jack_neg]), alpha)
     p = float(sps.mannwhitneyu(pos, neg, alternative="two-sided").pvalue)
     return _estimate(auc, low, high, method=f"auc, stratified bootstrap-bca (B={n_boot})",
                      n=pos.size + neg.size, alpha=alpha, p_value=p)
 
 
-def rank_biserial(scores_pos: Any, scores_neg: Any, *, n_boot: int = 2000, seed: int = 0,
+def rank_biserial(scores_pos: Items, scores_neg: Items, *, n_boot: int = 2000, seed: int = 0,
                   alpha: float = 0.05) -> Estimate:
     """Rank-biserial correlation 2 AUC - 1 (in [-1, 1]; 0 = no separation), CI mapped from the AUC's."""
     auc = roc_auc(scores_pos, scores_neg, n_boot=n_boot, seed=seed, alpha=alpha)

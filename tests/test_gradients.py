@@ -26,6 +26,17 @@ def tokens(tiny):
     return metrics.fallback_tokens(tiny.tokenizer)
 
 
+@pytest.fixture(scope="module")
+def saliency(tiny, tokens):
+    """Neuron and head saliency of all three prompts in one batch (shared by several checks)."""
+    return gradients.neuron_saliency(tiny, list(PROMPTS), tokens, GradientSpec(batch_size=3))
+
+
+@pytest.fixture(scope="module")
+def flow(tiny, tokens):
+    return gradients.attention_gradient_flow(tiny, list(PROMPTS), tokens, GradientSpec(batch_size=3))
+
+
 def _score(handle, ids, mask, tokens, hooks=()):
     with torch.no_grad(), handle.bridge.hooks(fwd_hooks=list(hooks)):
         return metrics.refusal_score(handle.bridge(ids, attention_mask=mask)[:, -1], tokens)
@@ -78,11 +89,23 @@ def test_ig_with_baseline_equal_to_input_is_zero(tiny, tokens):
     assert torch.all(torch.isnan(ig.completeness_error)) and torch.all(ig.completeness_abs == 0)
 
 
-def test_ig_zero_baseline_stays_finite(tiny, tokens):
-    # At the zero embedding every RMSNorm is at its singular point (gradients can be inf);
-    # the zero-weight end row must not turn the attributions into NaN.
-    ig = gradients.integrated_gradients(tiny, PROMPTS[2:], tokens, IGSpec(steps=4))
-    assert torch.all(torch.isfinite(ig.attributions)) and ig.baseline == "zeros"
+def test_ig_zero_baseline_over_all_positions_stays_finite(tiny, tokens):
+    # With scope="all" the path starts at the all-zero input, where every RMSNorm is at its
+    # singular point (|df/da| ~ 1e9 on tiny, inf on SmolLM2); Gauss-Legendre gives that end
+    # row weight 0 and it must not leak into the attributions as NaN.
+    ig = gradients.integrated_gradients(tiny, PROMPTS[2:], tokens, IGSpec(steps=4, baseline=Baseline(scope="all")))
+    assert torch.all(torch.isfinite(ig.attributions)) and ig.baseline == "zeros:all"
+    assert torch.equal(ig.replaced, ig.mask)
+
+
+def test_content_scope_replaces_only_the_users_message(tiny, tokens):
+    mask = gradients.content_mask(tiny, list(PROMPTS))
+    ids, _ = tiny.encode(list(PROMPTS))
+    for row, prompt in enumerate(PROMPTS):
+        assert tiny.tokenizer.decode(ids[row][mask[row].bool()]) == prompt
+    ig = gradients.integrated_gradients(tiny, PROMPTS[:1], tokens, IGSpec(steps=4, baseline=Baseline(kind="pad")))
+    assert torch.equal(ig.replaced, gradients.content_mask(tiny, list(PROMPTS[:1])))
+    assert torch.all(ig.attributions[ig.replaced == 0] == 0)
 
 
 def test_ig_rejects_baseline_of_other_length(tiny, tokens):
@@ -101,11 +124,10 @@ def test_quadrature_weights():
 
 # ----------------------------------------------------------------------------- neurons and heads
 
-def test_neuron_saliency_matches_finite_differences(tiny, tokens):
-    prompts = list(PROMPTS[:2])
-    sal = gradients.neuron_saliency(tiny, prompts, tokens)
-    assert sal.neuron_grad.shape == (2, tiny.n_layers, tiny.d_mlp)
-    assert sal.head_grad_x_act.shape == (2, tiny.n_layers, tiny.n_heads)
+def test_neuron_saliency_matches_finite_differences(tiny, tokens, saliency):
+    prompts, sal = list(PROMPTS), saliency
+    assert sal.neuron_grad.shape == (3, tiny.n_layers, tiny.d_mlp)
+    assert sal.head_grad_x_act.shape == (3, tiny.n_layers, tiny.n_heads)
     layer, row = 1, 0
     index = int(sal.neuron_grad_x_act[row, layer].abs().argmax())
     ids, mask = tiny.encode(prompts)
@@ -132,9 +154,8 @@ def test_neuron_saliency_matches_finite_differences(tiny, tokens):
     torch.testing.assert_close(sal.metric, _score(tiny, ids, mask, tokens), atol=1e-5, rtol=0)
 
 
-def test_head_grad_x_act_matches_finite_difference(tiny, tokens):
-    prompts = list(PROMPTS[:2])
-    sal = gradients.neuron_saliency(tiny, prompts, tokens)
+def test_head_grad_x_act_matches_finite_difference(tiny, tokens, saliency):
+    prompts, sal = list(PROMPTS), saliency
     layer, head = 2, 3
     ids, mask = tiny.encode(prompts)
 
@@ -167,13 +188,11 @@ def test_attention_flow_matches_manual_autograd(tiny, tokens, queries):
     torch.testing.assert_close(flow.scores[:, layer, head], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_attention_flow_over_all_positions_equals_head_grad_x_z(tiny, tokens):
+def test_attention_flow_over_all_positions_equals_head_grad_x_z(flow, saliency):
     # z_q = sum_k A_qk v_k is linear in A, so sum_qk dM/dA_qk A_qk = sum_q dM/dz_q . z_q: two
     # instruments, two hooks, one number per head.
-    prompts = list(PROMPTS)
-    flow = gradients.attention_gradient_flow(tiny, prompts, tokens)
-    sal = gradients.neuron_saliency(tiny, prompts, tokens)
-    torch.testing.assert_close(flow.scores, sal.head_grad_x_act, atol=1e-5, rtol=1e-4)
+    assert flow.queries == "all"
+    torch.testing.assert_close(flow.scores, saliency.head_grad_x_act, atol=1e-5, rtol=1e-4)
 
 
 def test_custom_metric_and_its_contract(tiny):
@@ -190,7 +209,7 @@ def test_custom_metric_and_its_contract(tiny):
 
 def _model_state(handle):
     model = handle.hf_model
-    return (model.is_gradient_checkpointing, bool(getattr(model, "_require_grads_hooks", None)),
+    return (gradients._is_checkpointing(model), bool(getattr(model, "_require_grads_hooks", None)),
             tuple(m.training for m in model.modules()), any(p.requires_grad or p.grad is not None
                                                             for p in model.parameters()))
 
@@ -228,7 +247,7 @@ def test_checkpointing_state_is_restored_after_an_error(tiny):
 
 # ----------------------------------------------------------------------------- batching
 
-def test_batched_equals_unbatched(tiny, tokens):
+def test_batched_equals_unbatched(tiny, tokens, saliency, flow):
     prompts = list(PROMPTS)  # three lengths: the batch is left-padded
     spec = IGSpec(steps=6, baseline=Baseline(kind="prompt", prompts=BASELINES), batch_size=64)
     together = gradients.integrated_gradients(tiny, prompts, tokens, spec)
@@ -237,23 +256,52 @@ def test_batched_equals_unbatched(tiny, tokens):
             spec, baseline=Baseline(kind="prompt", prompts=(BASELINES[i],)), batch_size=4))
         torch.testing.assert_close(together.per_prompt()[i], alone.per_prompt()[0], atol=1e-4, rtol=0)
         assert torch.equal(together.token_ids()[i], alone.token_ids()[0])
-    batched = gradients.neuron_saliency(tiny, prompts, tokens, GradientSpec(batch_size=3))
+    batched = saliency
     single = gradients.neuron_saliency(tiny, prompts, tokens, GradientSpec(batch_size=1))
     for a, b in [(batched.neuron_grad, single.neuron_grad), (batched.neuron_grad_x_act, single.neuron_grad_x_act),
                  (batched.head_grad_x_act, single.head_grad_x_act), (batched.metric, single.metric)]:
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-    flow_b = gradients.attention_gradient_flow(tiny, prompts, tokens, GradientSpec(batch_size=3))
     flow_s = gradients.attention_gradient_flow(tiny, prompts, tokens, GradientSpec(batch_size=1))
-    torch.testing.assert_close(flow_b.scores, flow_s.scores, atol=1e-4, rtol=0)
+    torch.testing.assert_close(flow.scores, flow_s.scores, atol=1e-4, rtol=0)
 
 
-def test_results_are_frozen_and_components_are_labelled(tiny, tokens):
-    sal = gradients.neuron_saliency(tiny, ["hi"], tokens)
+def test_results_are_frozen_and_components_are_labelled(saliency):
+    sal = saliency
     with pytest.raises(dataclasses.FrozenInstanceError):
         sal.metric = None  # type: ignore[misc]
     (neuron, value), *_ = sal.top_neurons(3)
     assert value == pytest.approx(float(sal.mean_neuron_grad_x_act[neuron.layer, neuron.index]))
     assert abs(value) == pytest.approx(float(sal.mean_neuron_grad_x_act.abs().max()))
+
+
+# ----------------------------------------------------------------------------- quantized weights
+
+@pytest.fixture(scope="module")
+def tiny_nf4():
+    """``tiny`` with bitsandbytes NF4 linear layers (bitsandbytes >= 0.48 runs NF4 on the CPU)."""
+    from fixtures.config import RefusalConfig
+    from fixtures.models import ModelLoadError, load_model
+
+    try:
+        handle, _ = load_model(RefusalConfig(model="tiny", device="cpu", quant="nf4", dtype="float32"))
+    except ModelLoadError as err:  # no bitsandbytes backend for this machine
+        pytest.skip(f"NF4 unavailable here: {err}")
+    return handle
+
+
+def test_gradients_flow_through_nf4_weights(tiny_nf4):
+    """Frozen 4-bit weights: gradients w.r.t. activations only, with and without checkpointing."""
+    model = tiny_nf4.hf_model
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    tokens = metrics.fallback_tokens(tiny_nf4.tokenizer)
+    plain = gradients.neuron_saliency(tiny_nf4, list(PROMPTS[:2]), tokens)
+    ckpt = gradients.neuron_saliency(tiny_nf4, list(PROMPTS[:2]), tokens, GradientSpec(checkpointing=True))
+    assert torch.all(torch.isfinite(plain.neuron_grad_x_act)) and plain.neuron_grad_x_act.abs().sum() > 0
+    torch.testing.assert_close(ckpt.neuron_grad_x_act, plain.neuron_grad_x_act, atol=1e-5, rtol=0)
+    assert all(p.grad is None for p in model.parameters())
+    ig = gradients.integrated_gradients(tiny_nf4, PROMPTS[:1], tokens, IGSpec(
+        steps=16, baseline=Baseline(kind="prompt", prompts=BASELINES[:1])))
+    assert torch.all(ig.completeness_error < 0.01)
 
 
 # ----------------------------------------------------------------------------- the real model

@@ -27,6 +27,16 @@ UNEQUAL_CORRUPTED = ["How do I bake bread?", "Wash a car for me please", "Write 
 ATOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model's matmuls are 64 wide: intra-op threads only add synchronisation, and on
+    a busy machine they made these tests 4x slower (160 s against 40 s on 2 cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def metric(tiny):
     return partial(refusal_score, tokens=fallback_tokens(tiny.tokenizer))

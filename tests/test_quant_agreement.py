@@ -1,0 +1,49 @@
+"""NF4 and full-precision runs of the subject agree on which heads matter most.
+
+Quantization is how the flagship Llama-3-8B is studied on a laptop, so conclusions must
+survive it: the head ranking by attribution patching is computed at both precisions on
+the same train pairs, and their overlap and rank correlation are recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+
+import pytest
+import torch
+
+from fixtures.models import load_model
+from instruments import patching as P
+from instruments.metrics import fallback_tokens, refusal_score
+from instruments.stats import spearman_ci
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+N_PAIRS, TOP_K = 8, 10
+
+
+def test_nf4_and_full_precision_agree_on_top_heads(refusal_config, dataset, recorder):
+    pairs = dataset.split("train")[:N_PAIRS]
+    clean, corrupted = [p.harmful for p in pairs], [p.harmless for p in pairs]
+    scores, tops = {}, {}
+    for quant in ("none", "nf4"):
+        handle, _ = load_model(replace(refusal_config, quant=quant, device="cpu", dtype="float32"))
+        metric = partial(refusal_score, tokens=fallback_tokens(handle.tokenizer))
+        atp = P.attribution_patch(handle, clean, corrupted, metric, P.PatchSpec(max_batch=refusal_config.max_batch),
+                                  neurons=False)
+        scores[quant] = atp.heads.mean(-1).flatten()
+        tops[quant] = set(P.top_heads(atp, TOP_K))
+        del handle
+    overlap = len(tops["none"] & tops["nf4"])
+    rho = spearman_ci(scores["none"].numpy(), scores["nf4"].numpy(), n_boot=refusal_config.n_bootstrap,
+                      seed=refusal_config.seed)
+    recorder.save("quantization/top_head_agreement", numbers={
+        "top_k": TOP_K, "overlap": overlap, "spearman_all_heads": rho.to_dict(),
+        "top_full_precision": sorted(f"L{h.layer}H{h.head}" for h in tops["none"]),
+        "top_nf4": sorted(f"L{h.layer}H{h.head}" for h in tops["nf4"])},
+        arrays={"atp_full": scores["none"], "atp_nf4": scores["nf4"]})
+    assert torch.isfinite(scores["nf4"]).all()
+    # NF4 keeps ~3 significant bits per weight; the ranking of causal heads must still agree.
+    assert overlap >= TOP_K // 2, f"only {overlap}/{TOP_K} top heads shared between NF4 and full precision"
+    assert rho.value > 0.5, f"head ranking correlation NF4 vs full precision is only {rho}"
