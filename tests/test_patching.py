@@ -214,6 +214,197 @@ def test_bad_inputs_are_rejected(tiny, metric):
         P.patch_components(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, ["not a component"])
 
 
+# ----------------------------------------------------------------------------- prefix skip
+
+def _layer_calls(handle):
+    """Count the rows each HF decoder layer runs: {layer: rows}, and the hook handles to remove."""
+    calls = dict.fromkeys(range(handle.n_layers), 0)
+
+    def count(module, args, kwargs, *, layer):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        calls[layer] += hidden.shape[0]
+
+    handles = [handle.hf_model.model.layers[layer].register_forward_pre_hook(partial(count, layer=layer),
+                                                                                with_kwargs=True)
+               for layer in range(handle.n_layers)]
+    return calls, handles
+
+
+def _assert_same(skipped, full):
+    torch.testing.assert_close(skipped.metric, full.metric, atol=ATOL, rtol=0)
+    torch.testing.assert_close(skipped.kl, full.kl, atol=ATOL, rtol=0)
+    torch.testing.assert_close(skipped.clean, full.clean, atol=ATOL, rtol=0)
+    torch.testing.assert_close(skipped.corrupted, full.corrupted, atol=ATOL, rtol=0)
+
+
+@pytest.fixture
+def probed(tiny):
+    """The once-per-model probe has run (and passed), so layer counts below are the sweep's own."""
+    assert P._skip_verified(tiny, P._layer_stack(tiny), *tiny.encode(UNEQUAL_CLEAN))
+    return tiny
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+@pytest.mark.parametrize("kind", ["heads", "heads_by_pos", "resid", "attn_out", "mlp_out", "neurons"])
+def test_prefix_skip_equals_the_full_forward(probed, metric, kind, direction):
+    tiny = probed
+    variant, kwargs, _ = _cases(tiny)[kind]
+    if kind == "heads_by_pos":
+        kwargs = {**kwargs, "layers": (2, 1)}  # two start layers, not in order
+    layers = tiny.hf_model.model.layers
+    calls, handles = _layer_calls(tiny)
+    try:
+        skipped = _run(variant, kwargs, tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, direction=direction,
+                       max_batch=5)
+        skipped_calls = dict(calls)
+        calls.update(dict.fromkeys(calls, 0))
+        full = _run(variant, kwargs, tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, direction=direction,
+                    max_batch=5, skip_prefix=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    _assert_same(skipped, full)
+    assert tiny.hf_model.model.layers is layers and len(layers) == tiny.n_layers
+    # the skip really skips: every copy runs the last layer, fewer run the first
+    assert skipped_calls[0] < calls[0]
+    assert skipped_calls[tiny.n_layers - 1] == calls[tiny.n_layers - 1]
+    assert sum(skipped_calls.values()) < sum(calls.values())
+
+
+def test_prefix_skip_plan_starts_each_chunk_at_one_layer(probed):
+    tiny = probed
+    pairs = P._encode_pairs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED)
+    groups = [(P._site(Head(layer=layer, head=h)),) for layer in (3, 0, 2) for h in range(tiny.n_heads)]
+    plan = P._plan(tiny, pairs, groups, P.PatchSpec(max_batch=5))
+    n_prompts = pairs.n_prompts
+    runs = [plan.order[chunk].tolist() for chunk, _ in plan.chunks]
+    assert sorted(k for run in runs for k in run) == list(range(len(groups) * n_prompts))
+    assert all(len(run) <= 5 for run in runs)
+    for (chunk, start), run in zip(plan.chunks, runs):
+        assert {P._start_layer(groups[k // n_prompts]) for k in run} == {start}
+    assert [start for _, start in plan.chunks] == sorted(start for _, start in plan.chunks)
+    assert plan.starts == (2, 3)
+    # without the skip: the old order and chunks, every chunk from layer 0
+    full = P._plan(tiny, pairs, groups, P.PatchSpec(max_batch=5, skip_prefix=False))
+    assert full.order.tolist() == list(range(len(groups) * n_prompts)) and full.stack is None
+    assert {start for _, start in full.chunks} == {0} and full.starts == ()
+
+
+MIXED_GROUPS = [
+    [Head(layer=1, head=0), MlpOut(layer=3)],
+    Resid(layer=2, pos=-1),
+    Neuron(layer=3, index=5),
+    Head(layer=0, head=2),
+    [Resid(layer=1), AttnOut(layer=2)],
+    Resid(layer=3),
+    [AttnOut(layer=3), Head(layer=2, head=1)],
+    [Resid(layer=2, pos=-2), Resid(layer=3, pos=-1), Neuron(layer=2, index=0)],
+]
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+@pytest.mark.parametrize("max_batch", [1, 4, 1000])
+def test_prefix_skip_equals_the_full_forward_for_groups_across_layers(tiny, metric, direction, max_batch):
+    skipped = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, MIXED_GROUPS,
+                                 P.PatchSpec(direction=direction, max_batch=max_batch))
+    full = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, MIXED_GROUPS,
+                              P.PatchSpec(direction=direction, max_batch=max_batch, skip_prefix=False))
+    _assert_same(skipped, full)
+    assert (skipped.effect.abs() > 1e-3).any(), "the groups must actually change the metric"
+
+
+def test_prefix_skip_with_whole_residual_at_the_start_layer_is_the_source_run(tiny, metric):
+    """Resid(layer=L) at all positions is patched *after* the injected base residual."""
+    result = P.patch_components(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric,
+                                [Resid(layer=layer) for layer in range(1, tiny.n_layers)])
+    torch.testing.assert_close(result.metric, result.source.expand_as(result.metric), atol=ATOL, rtol=0)
+
+
+def _add(act, hook, *, value):
+    return act + value
+
+
+@pytest.mark.parametrize("names", [
+    ("blocks.0.hook_resid_pre",),
+    ("hook_embed", "blocks.2.hook_resid_pre"),  # the latter is a start layer's injection point
+    ("blocks.1.hook_in", "blocks.2.attn.hook_z", "blocks.3.hook_mlp_out"),  # an alias, inside and after
+])
+def test_prefix_skip_keeps_corruption_hooks_exact(tiny, metric, names):
+    """Corruption hooks of the base run act once: in the cached residual or in the run, never twice."""
+    hooks = tuple((name, partial(_add, value=0.05 * (i + 1))) for i, name in enumerate(names))
+    for groups in (MIXED_GROUPS, [Resid(layer=layer, pos=-1) for layer in range(tiny.n_layers)]):
+        skipped = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, groups,
+                                     P.PatchSpec(corrupt_hooks=hooks, max_batch=7))
+        full = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, groups,
+                                  P.PatchSpec(corrupt_hooks=hooks, max_batch=7, skip_prefix=False))
+        _assert_same(skipped, full)
+        assert (skipped.corrupted - skipped.clean).abs().max() > 1e-3, "the corruption must do something"
+
+
+def test_prefix_skip_falls_back_for_name_filter_hooks(probed, metric):
+    tiny = probed
+    hooks = ((lambda name: name == "blocks.2.hook_resid_pre", partial(_add, value=0.1)),)
+    calls, handles = _layer_calls(tiny)
+    try:
+        skipped = P.patch_attn_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric,
+                                   P.PatchSpec(corrupt_hooks=hooks, max_batch=2))
+    finally:
+        for handle in handles:
+            handle.remove()
+    full = P.patch_attn_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric,
+                            P.PatchSpec(corrupt_hooks=hooks, max_batch=2, skip_prefix=False))
+    _assert_same(skipped, full)
+    assert calls[0] == calls[tiny.n_layers - 1], "a name filter's reach is unknown: every copy runs all layers"
+
+
+def test_prefix_skip_falls_back_without_a_plain_layer_list(tiny, metric):
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(hf_model=SimpleNamespace(model=SimpleNamespace(layers=list(tiny.bridge.blocks))),
+                           bridge=tiny.bridge, n_layers=tiny.n_layers)
+    assert P._layer_stack(fake) is None
+    fake.hf_model = SimpleNamespace()  # no .model at all
+    assert P._layer_stack(fake) is None
+    assert P._layer_stack(tiny) is tiny.hf_model.model
+
+
+def test_prefix_skip_falls_back_when_the_probe_disagrees(tiny, metric, monkeypatch):
+    """A model whose skipped forward differs from its full forward runs every layer, with a warning."""
+    import weakref
+
+    monkeypatch.setattr(P, "_SKIP_VERIFIED", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(P, "_inject", lambda act, hook, *, resid: act)  # as if the injection were lost
+    with pytest.warns(RuntimeWarning, match="does not reproduce"):
+        skipped = P.patch_mlp_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(max_batch=5))
+    assert P._SKIP_VERIFIED[tiny.bridge] is False
+    full = P.patch_mlp_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric,
+                           P.PatchSpec(max_batch=5, skip_prefix=False))
+    _assert_same(skipped, full)
+
+
+def test_layer_list_is_restored_after_an_exception(tiny, metric, monkeypatch):
+    layers = tiny.hf_model.model.layers
+    seen = []
+
+    def broken_splice(act, hook, **kwargs):
+        seen.append(len(tiny.hf_model.model.layers))
+        raise RuntimeError("hook failed")
+
+    monkeypatch.setattr(P, "_splice", broken_splice)
+    with pytest.raises(RuntimeError, match="hook failed"):
+        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(layers=(2,)))
+    assert seen and seen[0] < tiny.n_layers, "the exception must be raised inside a skipped forward"
+    assert tiny.hf_model.model.layers is layers and len(layers) == tiny.n_layers
+    assert all(layer is block for layer, block in zip(layers, tiny.bridge.blocks))
+    monkeypatch.undo()
+    # and the model still runs every layer afterwards
+    ids, mask = tiny.encode(UNEQUAL_CLEAN)
+    with torch.no_grad():
+        _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask,
+                                              names_filter=[f"blocks.{tiny.n_layers - 1}.hook_resid_post"])
+    assert cache[f"blocks.{tiny.n_layers - 1}.hook_resid_post"].shape[0] == len(UNEQUAL_CLEAN)
+
+
 # ----------------------------------------------------------------------------- attribution patching
 
 def _nudge(act, hook, *, eps, direction):
