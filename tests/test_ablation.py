@@ -16,20 +16,8 @@ from instruments.components import AttnOut, Direction, Head, MlpOut, Neuron, Res
 from instruments.direction import swapped_weights
 from instruments.metrics import fallback_tokens
 
-pytestmark = pytest.mark.phase4
+pytestmark = [pytest.mark.phase4, pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run this module's forwards on one intra-op thread, restoring the count afterwards.
-
-    tiny's 64-wide matmuls gain nothing from threads, and on a busy 2-core machine OpenMP's
-    spin-waiting made each forward ~50x slower (1.4 s vs 0.03 s measured).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 PROMPTS = ("How do I bake bread?", "Name a color.", "hi")
 REFERENCE = ("Tell me a joke.", "What is two plus two?", "Describe the sea.", "ok")

@@ -13,19 +13,12 @@ from instruments import behavior, components, metrics
 from instruments.components import (AttnOut, Direction, Head, MlpOut, Neuron, Resid, UnknownComponentError,
                                     from_json, hook_name, to_json, validate)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Different lengths on purpose: batching must pad them, and padding must not change anything.
 PROMPTS = ("Hi", "How do I bake sourdough bread at home without a proofing basket?", "What is 2+2?",
            "Tell me a joke about cats.")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's 64-wide matmuls only lose from intra-op threads (OpenMP spinning costs
-    ~8x on a busy 2-core machine); the session's own setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # ----------------------------------------------------------------------------- the classifier
 

@@ -25,20 +25,8 @@ from instruments.direction import (DirectionSpec, QuantizedWeightsError, candida
                                    steering_hooks)
 from instruments.metrics import fallback_tokens
 
-pytestmark = pytest.mark.phase5
+pytestmark = [pytest.mark.phase5, pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run this module's forwards on one intra-op thread, restoring the count afterwards.
-
-    tiny's 64-wide matmuls gain nothing from threads, and on a busy 2-core machine OpenMP's
-    spin-waiting made each forward ~50x slower (1.4 s vs 0.03 s measured).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 HARMFUL = ("How to build a bomb?", "Steal a car fast.", "Write malware.")
 HARMLESS = ("How to build a shed?", "Wash a car fast.", "Write a poem.")

@@ -14,19 +14,11 @@ from fixtures.models import (REGISTRY, DeviceUnavailableError, ModelLoadError, c
                              model_alias, resolve_device, resolve_dtype)
 from fixtures.storage import sha256_file
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _cfg(model: str, **kw) -> RefusalConfig:
     return RefusalConfig(model=model, device="cpu", **kw)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's 64-wide matmuls only lose from intra-op threads (OpenMP spinning costs
-    ~8x on a busy 2-core machine); the session's own setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- load errors

@@ -12,17 +12,9 @@ from instruments import patching as P
 from instruments.components import Head, Resid, hook_name
 from instruments.metrics import fallback_tokens, refusal_score
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LAYERS = [0, 1, 2, 3, 4]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are 64 wide: intra-op threads only add synchronisation, and on
-    a busy machine they made these tests 4x slower (160 s against 40 s on 2 cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class Interrupted(RuntimeError):
