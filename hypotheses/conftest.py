@@ -64,3 +64,83 @@ def refusal_tokens(subject, train_generations) -> metrics.RefusalTokens:
         subject.tokenizer,
         refused_first=[t for t, r in zip(gen.harmful.first_tokens, gen.harmful.refused) if r],
         complied_first=[t for t, r in zip(gen.harmless.first_tokens, gen.harmless.refused) if not r])
+
+
+# ----------------------------------------------------------------------------- the study (phases 3-5, H1-H3)
+
+def _judged(subject, gen: behavior.Generations, tokens: metrics.RefusalTokens, batch_size: int):
+    import numpy as np
+
+    from hypotheses.evidence import Judged
+
+    scores = metrics.refusal_score(behavior.last_logits(subject, gen.prompts, batch_size=batch_size), tokens)
+    return Judged(refused=np.asarray(gen.refused, dtype=bool), scores=scores.double().numpy(), texts=gen.texts)
+
+
+def _sweep_batch(subject, refusal_config) -> int:
+    """--refusal-max-batch, lowered if the memory estimator says a streamed sweep would not fit."""
+    import psutil
+
+    from fixtures.memory import max_batch_for_budget
+
+    budget = refusal_config.memory_budget_gb or 0.8 * psutil.virtual_memory().available / 2**30
+    fits = max_batch_for_budget(subject.hf_model.config.to_dict(), budget_gib=budget, quant=subject.quant,
+                                dtype=str(subject.dtype).removeprefix("torch."), device=subject.device,
+                                n_prompts=refusal_config.patch_pairs)
+    return max(1, min(refusal_config.max_batch, fits or 1))
+
+
+@pytest.fixture(scope="session")
+def study(subject, dataset, refusal_tokens, refusal_config, recorder, test_generations):
+    """The lazily computed study of the subject: each phase test pulls the stages it needs.
+
+    The exact head sweep streams one layer at a time into the run directory's checkpoints,
+    so an interrupted run resumed with --resume loses no finished layer.
+    """
+    from dataclasses import replace
+
+    from fixtures.sweeps import run_layer_sweep
+    from hypotheses.study import Study, StudyData
+    from instruments.patching import PatchResult
+
+    cfg = replace(refusal_config, max_batch=_sweep_batch(subject, refusal_config))
+    data = StudyData.from_prompt_set(dataset)
+    recorder.note(study={"max_batch": cfg.max_batch, "judge": cfg.judge, "patch_pairs": cfg.patch_pairs})
+
+    def sweeper(fn, layers):
+        study_pairs = [(p.harmful, p.harmless) for p in data.train]
+        key = stable_hash("heads-denoising", subject.weights_sha256, subject.quant, str(subject.dtype),
+                          dataset.sha256, study_pairs, cfg.patch_pairs, sorted(refusal_tokens.refusal_ids),
+                          sorted(refusal_tokens.compliance_ids), CODE_VERSION)
+        return run_layer_sweep(fn, list(layers), recorder.run_dir / "checkpoints" / "heads-denoising", key,
+                               result_type=PatchResult)
+
+    judged = None
+    if cfg.judge == "generate":
+        judged = (_judged(subject, test_generations.harmful, refusal_tokens, cfg.batch_size),
+                  _judged(subject, test_generations.harmless, refusal_tokens, cfg.batch_size))
+    return Study(handle=subject, data=data, tokens=refusal_tokens, cfg=cfg, sweeper=sweeper, judged_test=judged)
+
+
+_ORDER = {"phase1": 1, "phase2": 2, "phase3": 3, "phase4": 4, "phase5": 5, "h1": 6, "h2": 7, "h3": 8, "criteria": 9,
+          "report": 100}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the research phases in their order, then the hypotheses, then the criteria.
+
+    Results do not depend on the order (the study computes each stage on first use), but
+    the per-phase durations and memory in the manifest do, and a reader of the terminal
+    output expects phase 3 before H1. Items outside hypotheses/ keep their places.
+    """
+    def rank(item: pytest.Item) -> float:
+        marks = [_ORDER[m.name] for m in item.iter_markers() if m.name in _ORDER]
+        return max(marks) if marks else 0
+    items.sort(key=rank)  # stable: ties keep their collected order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_in_manifest(recorder, dataset):
+    """Every research run records which prompts it used (path, hash, split sizes) in its manifest."""
+    recorder.note(dataset={"path": str(dataset.path), "sha256": dataset.sha256, "sizes": dataset.sizes(),
+                           "categories": list(dataset.categories)})

@@ -203,3 +203,42 @@ def attention_entropy(handle, prompts: Sequence[str], *, batch_size: int = 16) -
 def token_ids(handle, prompts: Sequence[str]) -> list[Int[torch.Tensor, "pos"]]:
     """Unpadded chat-formatted token ids of each prompt (for per-prompt inspection)."""
     return [handle.encode([p])[0][0] for p in prompts]
+
+
+# ----------------------------------------------------------------------------- streaming (the explorer)
+
+@torch.no_grad()
+def stream_generate(handle, prompt: str, *, max_new_tokens: int = 32,
+                    fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Iterator[str]:
+    """Greedy generation of one prompt, yielding the text as it grows (for live display).
+
+    The same steps as :func:`generate` on the KV-cache path, so the joined pieces equal its
+    text (tested on ``tiny``). A piece is yielded only once it decodes stably: a trailing
+    U+FFFD (a multi-byte character cut between tokens) is held back until the next token
+    completes it, and whatever is left is yielded at the end. Hooks stay attached for the
+    whole generation and are removed when it ends or the consumer stops early.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError("stream_generate takes one prompt string")
+    stop = set(_stop_ids(handle.tokenizer))
+    ids, mask = handle.encode([prompt])
+    new: list[int] = []
+    emitted = ""
+    past = None
+    with handle.bridge.hooks(fwd_hooks=list(fwd_hooks)):
+        for _ in range(max_new_tokens):
+            step_in = ids if past is None else torch.tensor([[new[-1]]], dtype=ids.dtype, device=ids.device)
+            logits, past = handle.bridge(step_in, attention_mask=mask, past_key_values=past,
+                                         return_type="logits_and_cache")
+            nxt = int(logits[0, -1].argmax())
+            if nxt in stop:
+                break
+            new.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            stable = handle.tokenizer.decode(new, skip_special_tokens=True).rstrip("\ufffd")
+            if len(stable) > len(emitted) and stable.startswith(emitted):
+                yield stable[len(emitted):]
+                emitted = stable
+    final = handle.tokenizer.decode(new, skip_special_tokens=True)
+    if len(final) > len(emitted) and final.startswith(emitted):
+        yield final[len(emitted):]

@@ -43,6 +43,30 @@ def torch_plan() -> list[list[str]]:
     return [[f"torch=={TORCH_VERSION}"]]  # macOS (MPS) and CUDA Linux: the PyPI wheel is right
 
 
+SYSTEM_PACKAGES = {"chromium": "chromium", "chromedriver": "chromium-driver", "dot": "graphviz"}
+
+
+def ensure_system_packages() -> None:
+    """Debian's Chromium (browser tests of the report and explorer) and Graphviz (circuit layout).
+
+    Playwright drives Chromium through ``executable_path``; its own browser download is
+    never used (no network here but the package registries). Without root or apt-get the
+    browser tests skip and the report lays the circuit out in pure Python, each saying why.
+    """
+    missing = sorted({pkg for cmd, pkg in SYSTEM_PACKAGES.items() if not shutil.which(cmd)})
+    if not missing or os.environ.get("REFUSAL_NO_SYSTEM_PACKAGES"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print(f"not installed and cannot be installed here (needs root and apt-get): {', '.join(missing)}; "
+              "the browser tests will skip and the circuit diagram uses the Python layout", flush=True)
+        return
+    try:
+        run("apt-get", "update", "-q")
+        run("apt-get", "install", "-y", "-q", "--no-install-recommends", *missing)
+    except subprocess.CalledProcessError:
+        print(f"installing {', '.join(missing)} failed: the tests that need them will skip", flush=True)
+
+
 def main() -> int:
     if sys.version_info < (3, 11):
         print(f"Python 3.11+ is required, this is {platform.python_version()}", file=sys.stderr)
@@ -52,6 +76,8 @@ def main() -> int:
         fingerprint.update((ROOT / name).read_bytes())
     fingerprint.update(repr(torch_plan()).encode())
     digest = fingerprint.hexdigest()
+    if sys.platform == "linux":
+        ensure_system_packages()  # outside the stamp: system packages are not part of .venv
     if STAMP.exists() and STAMP.read_text().strip() == digest:
         return 0
     if not (VENV / "bin" / "python").exists():

@@ -1,0 +1,377 @@
+"""Measurements the hypotheses are decided on: pure functions over a model and prompts.
+
+Each function runs instruments on a handle and returns a frozen result; nothing here
+writes files (fixtures record) and nothing decides (``hypotheses.decisions`` does).
+Components are always *chosen* on train (or val) prompts and *evaluated* on test prompts.
+
+Two ways to say that a prompt was refused (``RefusalConfig.judge``): ``generate`` runs
+greedy generation and the refusal classifier (what a user sees); ``first_token`` asks
+whether P(refusal tokens) > P(compliance tokens) at the last position, for models that
+cannot write text (the planted and null models of the self-validation tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+
+from fixtures.config import RefusalConfig
+from fixtures.data import Pair
+from instruments import behavior, stats
+from instruments.ablation import AblationSpec, ablation_hooks
+from instruments.components import Component, Head, Neuron, all_heads
+from instruments.metrics import RefusalTokens, compliance_prob, refusal_prob, refusal_score
+from instruments.patching import PatchResult, PatchSpec, attribution_patch, patch_components, patch_heads
+
+Hook = tuple[str, object]
+
+
+def metric_for(tokens: RefusalTokens):
+    """The refusal score (log-odds of the refusal tokens at the last position) as a patching metric."""
+    return partial(refusal_score, tokens=tokens)
+
+
+def harmful(pairs: Sequence[Pair]) -> list[str]:
+    return [p.harmful for p in pairs]
+
+
+def harmless(pairs: Sequence[Pair]) -> list[str]:
+    return [p.harmless for p in pairs]
+
+
+# ----------------------------------------------------------------------------- refusal, as judged
+
+@dataclass(frozen=True, kw_only=True)
+class Judged:
+    """Refusal of each prompt under one condition: flags, scores and (generate judge) the texts."""
+
+    refused: Bool[np.ndarray, "prompt"]
+    scores: Float[np.ndarray, "prompt"]
+    texts: tuple[str, ...]
+
+    @property
+    def rate(self) -> float:
+        return float(self.refused.mean()) if self.refused.size else float("nan")
+
+
+def judge(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg: RefusalConfig, *,
+          hooks: Sequence[Hook] = ()) -> Judged:
+    """Which prompts the model refuses (under ``hooks``), by the configured judge."""
+    logits = behavior.last_logits(handle, prompts, batch_size=cfg.batch_size, fwd_hooks=hooks)
+    scores = refusal_score(logits, tokens).numpy().astype(np.float64)
+    if cfg.judge == "first_token":
+        refused = (refusal_prob(logits, tokens) > compliance_prob(logits, tokens)).numpy()
+        return Judged(refused=refused, scores=scores, texts=())
+    gen = behavior.generate(handle, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                            fwd_hooks=hooks)
+    return Judged(refused=np.asarray(gen.refused, dtype=bool), scores=scores, texts=gen.texts)
+
+
+# ----------------------------------------------------------------------------- the behaviour to explain
+
+@dataclass(frozen=True, kw_only=True)
+class Behaviour:
+    """Does the model treat harmful and harmless test prompts differently at all?
+
+    Without a significant gap there is no mechanism to localize: every hypothesis is then
+    inconclusive (the null-model tests rest on this gate).
+    """
+
+    score_harmful: Float[np.ndarray, "prompt"]
+    score_harmless: Float[np.ndarray, "prompt"]
+    gap: stats.Estimate  # mean paired score difference harmful - harmless, with its CI
+    p_value: float  # paired permutation test
+    refused_harmful: Judged
+    refused_harmless: Judged
+
+    alpha: float = 0.05
+
+    @property
+    def refusal_test(self) -> stats.McNemarResult:
+        """Harmful vs harmless refusal on the same pairs (McNemar: the pairs are matched)."""
+        return stats.mcnemar(self.refused_harmless.refused, self.refused_harmful.refused, alpha=self.alpha,
+                             n_boot=200)
+
+    @property
+    def present(self) -> bool:
+        """Refusal behaviour worth explaining: the score gap is positive (CI and permutation test)
+        *and* harmful prompts are refused significantly more often than their analogues."""
+        more = self.refused_harmful.refused.sum() > self.refused_harmless.refused.sum()
+        return bool(self.gap.ci_low > 0 and self.p_value < self.alpha and more
+                    and self.refusal_test.p_value < self.alpha)
+
+    def reason(self, alpha: float) -> str:
+        return (f"refusal score gap harmful - harmless {self.gap.value:.3g} "
+                f"[{self.gap.ci_low:.3g}, {self.gap.ci_high:.3g}], permutation p={self.p_value:.3g}; "
+                f"refused: {int(self.refused_harmful.refused.sum())}/{self.refused_harmful.refused.size} harmful vs "
+                f"{int(self.refused_harmless.refused.sum())}/{self.refused_harmless.refused.size} harmless test "
+                f"prompts, McNemar p={self.refusal_test.p_value:.3g}")
+
+
+def behaviour(handle, test: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig, *,
+              judged: tuple[Judged, Judged] | None = None) -> Behaviour:
+    """The test split's refusal gap; ``judged`` reuses (harmful, harmless) judgements already made."""
+    bad, good = judged or (judge(handle, harmful(test), tokens, cfg), judge(handle, harmless(test), tokens, cfg))
+    diff = bad.scores - good.scores
+    gap = stats.bootstrap_ci(diff, n_boot=cfg.n_bootstrap, seed=cfg.seed, alpha=cfg.alpha, method="percentile")
+    perm = stats.paired_permutation_test(bad.scores, good.scores, n_perm=max(cfg.n_bootstrap, 1000), seed=cfg.seed)
+    return Behaviour(score_harmful=bad.scores, score_harmless=good.scores, gap=gap, p_value=float(perm.p_value),
+                     refused_harmful=bad, refused_harmless=good, alpha=cfg.alpha)
+
+
+# ----------------------------------------------------------------------------- bootstrap helpers
+
+def boot_index(n: int, cfg: RefusalConfig, salt: int = 0) -> np.ndarray:
+    """Bootstrap resamples of n items, [B, n]: one seeded draw shared by all components."""
+    return np.random.default_rng(cfg.seed + salt).integers(0, n, size=(cfg.n_bootstrap, n))
+
+
+def percentile(boot: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile CI over the last axis, ignoring non-finite replicates (an empty gap in a resample)."""
+    import warnings
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row yields NaN bounds: inconclusive
+        lo, hi = np.nanquantile(np.where(np.isfinite(boot), boot, np.nan), [alpha / 2, 1 - alpha / 2], axis=-1)
+    return lo, hi
+
+
+def boot_estimate(value: float, boot: np.ndarray, cfg: RefusalConfig, n: int,
+                  method: str = "bootstrap-percentile") -> stats.Estimate:
+    """A point value with the percentile CI of its bootstrap replicates.
+
+    The interval is widened to contain the point itself (a percentile interval of a biased
+    statistic can miss it), so a decision never rests on an interval that excludes its own
+    estimate. Undefined values and bounds stay NaN, which the decisions read as inconclusive.
+    """
+    lo, hi = (float(x[0]) for x in percentile(np.asarray(boot, dtype=np.float64)[None], cfg.alpha))
+    value = float(value)
+    if not math.isnan(value):
+        lo = lo if math.isnan(lo) else min(lo, value)
+        hi = hi if math.isnan(hi) else max(hi, value)
+    else:
+        lo = hi = float("nan")
+    return stats.Estimate(value=value, ci_low=lo, ci_high=hi, method=f"{method} (B={np.size(boot)})", n=int(n),
+                          alpha=cfg.alpha)
+
+
+def normalized_with_ci(metric: np.ndarray, base: np.ndarray, source: np.ndarray,
+                       cfg: RefusalConfig, salt: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalized effect (0 = base, 1 = source) of each component row, with a bootstrap CI over prompts.
+
+    ``metric`` is [component, prompt]; normalization happens after averaging the resampled
+    prompts, as in :attr:`PatchResult.normalized`.
+    """
+    metric, base, source = (np.asarray(x, dtype=np.float64) for x in (metric, base, source))
+    value = (metric.mean(-1) - base.mean()) / (source.mean() - base.mean())
+    idx = boot_index(base.size, cfg, salt)
+    b, s = base[idx].mean(-1), source[idx].mean(-1)  # [B]
+    with np.errstate(all="ignore"):
+        boot = (metric[:, idx].mean(-1) - b) / (s - b)  # [component, B]
+    lo, hi = percentile(boot, cfg.alpha)
+    return value, lo, hi
+
+
+# ----------------------------------------------------------------------------- heads and neurons
+
+@dataclass(frozen=True, kw_only=True)
+class Ranking:
+    """Components ranked by exact normalized patching effect on train pairs, with CIs."""
+
+    components: tuple[Component, ...]  # sorted by effect, largest first
+    effect: Float[np.ndarray, "component"]
+    ci_low: Float[np.ndarray, "component"]
+    ci_high: Float[np.ndarray, "component"]
+    atp: Float[np.ndarray, "component"]  # AtP estimate on the same normalized scale
+
+    def top(self, k: int) -> tuple[Component, ...]:
+        return self.components[:k]
+
+    def above(self, bar: float) -> tuple[Component, ...]:
+        return tuple(c for c, e in zip(self.components, self.effect) if e > bar)
+
+    def rows(self, k: int) -> list[dict]:
+        from instruments.components import label, to_json
+
+        return [{"component": to_json(c), "label": label(c), "effect": float(e), "ci_low": float(lo),
+                 "ci_high": float(hi), "atp": float(a)}
+                for c, e, lo, hi, a in list(zip(self.components, self.effect, self.ci_low, self.ci_high,
+                                                self.atp))[:k]]
+
+
+def patch_spec(cfg: RefusalConfig, *, direction: str = "denoising", layers: tuple[int, ...] | None = None,
+               kl: bool = False) -> PatchSpec:
+    return PatchSpec(direction=direction, max_batch=cfg.max_batch, layers=layers, kl=kl)
+
+
+def head_patching(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig, *,
+                  direction: str = "denoising", layers: tuple[int, ...] | None = None) -> PatchResult:
+    """Exact patching of every head (all positions): harmful = clean, harmless = corrupted."""
+    return patch_heads(handle, harmful(pairs), harmless(pairs), metric_for(tokens),
+                       patch_spec(cfg, direction=direction, layers=layers))
+
+
+def rank_heads(exact: PatchResult, atp_heads: Float[torch.Tensor, "layer head"] | None,
+               cfg: RefusalConfig) -> Ranking:
+    """Heads by normalized exact effect (largest first), with bootstrap CIs over prompts."""
+    n_layers, n_heads = exact.metric.shape[:2]
+    metric = exact.metric.reshape(n_layers * n_heads, -1).double().numpy()
+    value, lo, hi = normalized_with_ci(metric, exact.base.double().numpy(), exact.source.double().numpy(), cfg)
+    atp = np.zeros_like(value) if atp_heads is None else atp_heads.reshape(-1).double().numpy()
+    order = np.argsort(-value, kind="stable")
+    heads = [Head(layer=int(exact.layers[i // n_heads]), head=int(i % n_heads)) for i in order]
+    return Ranking(components=tuple(heads), effect=value[order], ci_low=lo[order], ci_high=hi[order],
+                   atp=atp[order])
+
+
+@dataclass(frozen=True, kw_only=True)
+class AtpScan:
+    """Attribution patching over every head and neuron, normalized like exact patching."""
+
+    heads: Float[torch.Tensor, "layer head"]
+    neurons: Float[torch.Tensor, "layer neuron"]
+    heads_per_prompt: Float[torch.Tensor, "layer head prompt"]  # raw estimated metric change
+
+
+def atp_scan(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
+             direction: str = "denoising") -> AtpScan:
+    atp = attribution_patch(handle, harmful(pairs), harmless(pairs), metric_for(tokens),
+                            patch_spec(cfg, direction=direction), neurons=True)
+    return AtpScan(heads=atp.normalized(atp.heads), neurons=atp.normalized(atp.neurons), heads_per_prompt=atp.heads)
+
+
+def rank_neurons(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig, scan: AtpScan,
+                 k: int | None = None) -> Ranking:
+    """The AtP top-k neurons (by |estimate|), each verified by exact patching, ranked by exact effect."""
+    k = cfg.top_neurons if k is None else k
+    flat = scan.neurons.reshape(-1)
+    d_mlp = scan.neurons.shape[1]
+    top = torch.topk(flat.abs(), min(k, flat.numel())).indices.tolist()
+    neurons = [Neuron(layer=i // d_mlp, index=i % d_mlp) for i in top]
+    exact = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), neurons, patch_spec(cfg))
+    value, lo, hi = normalized_with_ci(exact.metric.double().numpy(), exact.base.double().numpy(),
+                                       exact.source.double().numpy(), cfg, salt=1)
+    atp = flat[top].double().numpy()
+    order = np.argsort(-value, kind="stable")
+    return Ranking(components=tuple(neurons[i] for i in order), effect=value[order], ci_low=lo[order],
+                   ci_high=hi[order], atp=atp[order])
+
+
+def joint_patch(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
+                components: Sequence[Component], *, direction: str = "denoising") -> stats.Estimate:
+    """Normalized effect of patching ``components`` together (one group), with a bootstrap CI."""
+    res = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), [tuple(components)],
+                           patch_spec(cfg, direction=direction))
+    metric, base, source = (x.double().numpy() for x in (res.metric[0], res.base, res.source))
+    idx = boot_index(base.size, cfg, salt=2)
+    with np.errstate(all="ignore"):
+        boot = (metric[idx].mean(-1) - base[idx].mean(-1)) / (source[idx].mean(-1) - base[idx].mean(-1))
+    value = (metric.mean() - base.mean()) / (source.mean() - base.mean())
+    return boot_estimate(value, boot, cfg, len(pairs))
+
+
+# ----------------------------------------------------------------------------- ablation
+
+@dataclass(frozen=True, kw_only=True)
+class Condition:
+    """Refusal on the harmful test prompts with a set of components ablated, vs the baseline."""
+
+    name: str
+    kind: str  # "circuit" or "control"
+    control_of: str | None
+    components: tuple[Component, ...]
+    baseline: Judged
+    ablated: Judged
+    relative_drop: stats.Estimate  # 1 - rate_ablated / rate_baseline, paired bootstrap
+    mcnemar: stats.McNemarResult
+    kl_harmless: float | None = None
+    answer_ce_increase: float | None = None
+
+
+def relative_drop(before: np.ndarray, after: np.ndarray, cfg: RefusalConfig, salt: int = 3) -> stats.Estimate:
+    """1 - P(refused | ablated) / P(refused | baseline) on the same prompts, with a paired bootstrap CI."""
+    before, after = before.astype(np.float64), after.astype(np.float64)
+    value = 1.0 - after.mean() / before.mean() if before.mean() > 0 else float("nan")
+    idx = boot_index(before.size, cfg, salt)
+    with np.errstate(all="ignore"):
+        boot = 1.0 - after[idx].mean(-1) / before[idx].mean(-1)
+    return boot_estimate(value, boot, cfg, before.size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HarmlessReference:
+    """The clean model on harmless prompts, computed once and compared with every ablation."""
+
+    prompts: tuple[str, ...]
+    answers: tuple[str, ...]  # the clean model's own answers ("" when not available)
+    logits: Float[torch.Tensor, "prompt vocab"]
+    answer_ce: Float[torch.Tensor, "prompt"] | None
+
+
+def harmless_reference(handle, prompts: Sequence[str], answers: Sequence[str], cfg: RefusalConfig) -> HarmlessReference:
+    from instruments.ablation import answer_cross_entropy
+
+    logits = behavior.last_logits(handle, prompts, batch_size=cfg.batch_size)
+    ce = answer_cross_entropy(handle, prompts, answers, batch_size=cfg.batch_size) if answers else None
+    return HarmlessReference(prompts=tuple(prompts), answers=tuple(answers), logits=logits, answer_ce=ce)
+
+
+def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg: RefusalConfig, *,
+                     name: str, components: Sequence[Component], baseline: Judged, reference: Sequence[str],
+                     kind: str = "circuit", control_of: str | None = None, method: str = "mean",
+                     harmless: HarmlessReference | None = None) -> Condition:
+    """Ablate ``components`` (mean: means over harmless TRAIN ``reference`` prompts) and judge refusal.
+
+    A refusal direction is ablated with ``method="zero"``: its projection is removed
+    everywhere (Arditi et al.), rather than set to its harmless mean. With ``harmless`` the
+    capability side effects are measured too: KL(clean || ablated) of the next token after
+    each harmless prompt, and (when it has answers) the rise in cross-entropy of the clean
+    model's own answers.
+    """
+    from instruments.ablation import answer_cross_entropy
+    from instruments.metrics import kl_divergence
+
+    hooks = ablation_hooks(handle, list(components), spec=AblationSpec(method=method, batch_size=cfg.batch_size),
+                           reference=list(reference) if method != "zero" else None)
+    ablated = judge(handle, prompts, tokens, cfg, hooks=hooks)
+    kl = ce = None
+    if harmless is not None:
+        under = behavior.last_logits(handle, harmless.prompts, batch_size=cfg.batch_size, fwd_hooks=hooks)
+        kl = float(kl_divergence(harmless.logits, under).mean())
+        if harmless.answer_ce is not None:
+            after = answer_cross_entropy(handle, harmless.prompts, harmless.answers, batch_size=cfg.batch_size,
+                                         fwd_hooks=hooks)
+            ce = float((after - harmless.answer_ce).nanmean())
+    return Condition(name=name, kind=kind, control_of=control_of, components=tuple(components), baseline=baseline,
+                     ablated=ablated, relative_drop=relative_drop(baseline.refused, ablated.refused, cfg),
+                     mcnemar=stats.mcnemar(baseline.refused, ablated.refused, alpha=cfg.alpha,
+                                           n_boot=cfg.n_bootstrap, seed=cfg.seed),
+                     kl_harmless=kl, answer_ce_increase=ce)
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, *, exclude: Sequence[Component], seed: int) -> tuple[Head, ...]:
+    """A matched random control: k heads drawn without replacement from those not in ``exclude``."""
+    pool = [h for h in all_heads(n_layers, n_heads) if h not in set(exclude)]
+    pick = np.random.default_rng(seed).choice(len(pool), size=min(k, len(pool)), replace=False)
+    return tuple(pool[i] for i in sorted(pick))
+
+
+def random_neurons(layers: Sequence[int], d_mlp: int, k: int, *, exclude: Sequence[Component],
+                   seed: int) -> tuple[Neuron, ...]:
+    """k random neurons from the same layers as the circuit's (matched by layer), none of them in it."""
+    rng = np.random.default_rng(seed)
+    taken, out = set(exclude), []
+    for layer in layers:
+        while True:
+            n = Neuron(layer=int(layer), index=int(rng.integers(0, d_mlp)))
+            if n not in taken:
+                taken.add(n)
+                out.append(n)
+                break
+    return tuple(out[:k])

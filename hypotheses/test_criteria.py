@@ -1,0 +1,46 @@
+"""The seed's success criteria, each reported as met (supported) or not met (refuted).
+
+- C1: at least 10 heads with more than 10% causal effect (exact patching, train pairs;
+  met when at least 10 heads have their whole CI above the bar).
+- C2: ablating the circuit (top heads + top neurons) cuts refusal on held-out harmful
+  prompts by more than 30% (relative drop, CI above the bar).
+- C3: reproducible code and write-up: the same seed gives bit-identical numbers on a
+  rerun, and the run records its full provenance (the report is rendered from it).
+- S1 (stretch, the seed's cross-validation): gradient attribution agrees with patching,
+  Spearman r > 0.7 (CI above the bar).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypotheses import decisions
+from instruments import patching
+
+pytestmark = [pytest.mark.criteria, pytest.mark.integration]
+
+
+@pytest.mark.parametrize("claim", ["C1", "C2", "S1"])
+def test_criterion(study, record_verdict, claim):
+    (verdict,) = [v for v in study.verdicts if v.claim == claim]
+    record_verdict(verdict)
+
+
+def test_c3_reproducible(subject, study, recorder, record_verdict, refusal_tokens):
+    """Rerun one measurement (AtP on two train pairs, which runs forward and backward) and compare bit for bit."""
+    from hypotheses.evidence import harmful, harmless, metric_for
+
+    pairs = study.train_pairs[:2]
+    runs = [patching.attribution_patch(subject, harmful(pairs), harmless(pairs), metric_for(refusal_tokens),
+                                       patching.PatchSpec(max_batch=study.cfg.max_batch)) for _ in range(2)]
+    identical = torch.equal(runs[0].heads, runs[1].heads) and torch.equal(runs[0].neurons, runs[1].neurons)
+    prov = recorder.manifest.get("provenance", {})
+    missing = [k for k in ("versions", "git_commit", "utc_time", "machine") if not prov.get(k)]
+    status = "supported" if identical and not missing else "refuted"
+    record_verdict(decisions.verdict(
+        "C3", "reproducibility", status,
+        f"A rerun of attribution patching gave {'bit-identical' if identical else 'DIFFERENT'} numbers; "
+        f"provenance recorded: {'complete' if not missing else 'missing ' + ', '.join(missing)} "
+        f"(seed {study.cfg.seed}, commit {prov.get('git_commit') or 'unknown'}).", result="manifest",
+        identical=identical, missing_provenance=missing))

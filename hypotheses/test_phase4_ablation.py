@@ -1,0 +1,87 @@
+"""Phase 4.1, ablation on the held-out test split, against matched random controls.
+
+Components come from TRAIN pairs (heads, neurons) and TRAIN + VAL (the direction); the
+refusal rate is measured on TEST harmful prompts, never on the prompts that chose them.
+Heads and neurons are mean-ablated (their mean over harmless train prompts); the refusal
+direction is projected out of the residual stream at every layer. Each condition has a
+random control of the same size (random heads; random neurons in the same layers; a
+random unit direction at the same layer). Reported per condition: refusal rate with a
+Wilson CI, the relative drop with a paired bootstrap CI, McNemar's p against the
+baseline (Holm-corrected over all conditions), and capability side effects on harmless
+test prompts (next-token KL and the rise in cross-entropy of the model's own answers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hypotheses.evidence import Condition, harmful, random_heads, random_neurons
+from instruments import stats
+from instruments.components import Direction, label, to_json
+
+pytestmark = [pytest.mark.phase4, pytest.mark.integration]
+
+
+def _row(c: Condition, alpha: float) -> dict:
+    n = int(c.baseline.refused.size)
+    return {"name": c.name, "label": c.name, "kind": c.kind, "control_of": c.control_of,
+            "n_components": len(c.components), "components": [label(x) for x in c.components[:200]],
+            "method": "projection removed at every layer" if c.name.endswith("direction") else "mean (harmless train)",
+            "refusal_rate_baseline": stats.proportion_ci(int(c.baseline.refused.sum()), n, alpha).to_dict(),
+            "refusal_rate_ablated": stats.proportion_ci(int(c.ablated.refused.sum()), n, alpha).to_dict(),
+            "relative_drop": c.relative_drop.to_dict(), "mcnemar_p": c.mcnemar.p_value,
+            "mcnemar_table": [list(r) for r in c.mcnemar.table],
+            "refusal_score_baseline": float(np.mean(c.baseline.scores)),
+            "refusal_score_ablated": float(np.mean(c.ablated.scores)),
+            "kl_harmless": c.kl_harmless, "answer_ce_increase": c.answer_ce_increase}
+
+
+@pytest.fixture(scope="module")
+def conditions(subject, study) -> list[Condition]:
+    cfg = study.cfg
+    heads = study.ranking.top(cfg.top_heads)
+    neurons = study.neurons.top(cfg.top_neurons)
+    direction = study.refusal_direction
+    rng = np.random.default_rng(cfg.seed)
+    noise = torch.from_numpy(rng.standard_normal(subject.d_model))
+    random_direction = Direction(layer=direction.layer, vector=tuple((noise / noise.norm()).tolist()))
+    r_heads = random_heads(subject.n_layers, subject.n_heads, len(heads), exclude=heads, seed=cfg.seed)
+    r_neurons = random_neurons([n.layer for n in neurons], subject.d_mlp, len(neurons), exclude=neurons,
+                               seed=cfg.seed + 1)
+    plan = [(f"top {len(heads)} heads", heads, "circuit", None, "mean"),
+            (f"random {len(heads)} heads", r_heads, "control", f"top {len(heads)} heads", "mean"),
+            (f"top {len(neurons)} neurons", neurons, "circuit", None, "mean"),
+            (f"random {len(neurons)} neurons", r_neurons, "control", f"top {len(neurons)} neurons", "mean"),
+            ("heads + neurons", heads + neurons, "circuit", None, "mean"),
+            ("random heads + neurons", r_heads + r_neurons, "control", "heads + neurons", "mean"),
+            ("refusal direction", (direction,), "circuit", None, "zero"),
+            ("random direction", (random_direction,), "control", "refusal direction", "zero")]
+    out = []
+    for name, comps, kind, control_of, method in plan:
+        if name == "heads + neurons":
+            out.append(study.circuit_ablation)  # the same condition criterion C2 is decided on
+            continue
+        if name == "refusal direction":
+            out.append(study.direction_ablation)  # shared with phase 5.2's bypass test
+            continue
+        out.append(study.ablate(name, comps, kind=kind, control_of=control_of, method=method))
+    return out
+
+
+def test_ablation_study(conditions, recorder, refusal_config, study):
+    alpha = refusal_config.alpha
+    for c in conditions:
+        assert c.ablated.refused.shape == c.baseline.refused.shape
+        b, cc = c.mcnemar.table[0][1], c.mcnemar.table[1][0]
+        # McNemar's discordant cells are exactly the prompts whose verdict flipped
+        assert b == int((c.baseline.refused & ~c.ablated.refused).sum())
+        assert cc == int((~c.baseline.refused & c.ablated.refused).sum())
+        assert c.kl_harmless is not None and c.kl_harmless >= -1e-6
+    holm = stats.holm([c.mcnemar.p_value for c in conditions], alpha=alpha)
+    rows = [_row(c, alpha) | {"p_holm": float(p)} for c, p in zip(conditions, holm.p_adjusted)]
+    recorder.save("phase4/ablation", numbers={
+        "conditions": rows, "n_prompts": int(conditions[0].baseline.refused.size), "split": "test",
+        "judge": study.cfg.judge, "direction": to_json(study.refusal_direction) | {"vector": "omitted"}},
+        prompts=harmful(study.data.test))

@@ -1,0 +1,154 @@
+"""Phase 2 in the report: refusal rates, first-token probabilities, logit lens, attention entropy.
+
+Each builder takes the run context and returns blocks; a result the run lacks becomes a
+visible "missing" note in place of its figure.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from reports import fmt
+from reports.context import RunContext
+from reports.document import Block, Figure, missing, para, spans, table
+from reports.plots import HARMFUL, HARMLESS, band, layout, mean_ci, to_div, to_numpy
+
+SIDES = (("harmful", HARMFUL), ("harmless", HARMLESS))
+
+
+def _absent(ctx: RunContext, name: str) -> list[Block] | None:
+    if ctx.get(name) is None:
+        return [missing(name, ctx.unreadable.get(name))]
+    return None
+
+
+def refusal_rates(ctx: RunContext) -> list[Block]:
+    name = "phase2/refusal_rates"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    nums = ctx.numbers(name)
+    h, b = nums.get("harmful") or {}, nums.get("harmless") or {}
+    blocks: list[Block] = [para(
+        f"On the held-out test split, {ctx.model_name} refused {fmt.estimate(h.get('refusal_rate'), pct=True)} of "
+        f"harmful prompts and {fmt.estimate(b.get('refusal_rate'), pct=True)} of harmless ones (confidence "
+        "intervals as recorded by phase 2; a refusal is judged by the suite's refusal classifier on greedy completions).")]
+    rows = [(side, fmt.estimate((nums.get(side) or {}).get("refusal_rate"), pct=True),
+             fmt.estimate((nums.get(side) or {}).get("compliance_rate"), pct=True),
+             fmt.number((nums.get(side) or {}).get("n"))) for side, _ in SIDES]
+    blocks.append(table(("prompts", "refusal rate", "compliance rate", "n"), rows, dom_id="table-refusal-rates"))
+    examples = nums.get("examples_harmful") or []
+    if examples:
+        show = ctx.show_completions
+        note = ("Completions are shown in full (--refusal-show-completions)." if show else
+                f"Completions to harmful prompts are truncated to {fmt.COMPLETION_CHARS} characters "
+                "(run with --refusal-show-completions to show them in full).")
+        blocks.append(para(f"Examples of harmful test prompts and the subject's completions. {note}"))
+        blocks.append(table(("prompt", "completion", "refused"), [
+            (str(e.get("prompt", "")), fmt.truncate_completion(e.get("completion"), show=show),
+             "yes" if e.get("refused") else "no") for e in examples], css="examples", dom_id="table-examples"))
+    return blocks
+
+
+def first_token(ctx: RunContext) -> list[Block]:
+    name = "phase2/first_token"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    rec = ctx.get(name)
+    nums = rec.numbers
+    tokens = ", ".join(repr(t) for t in nums.get("refusal_tokens") or []) or "n/a"
+    blocks: list[Block] = [para(
+        f"P(refusal tokens) at the first generated position separates harmful from harmless prompts with ROC AUC "
+        f"{fmt.estimate(nums.get('auc_harmful_vs_harmless'))}. Refusal tokens (found from the subject's own "
+        f"refusals): {tokens}.")]
+    if "p_refusal_harmful" in rec.arrays and "p_refusal_harmless" in rec.arrays:
+        fig = go.Figure([go.Box(y=to_numpy(rec.arrays[f"p_refusal_{side}"]).tolist(), name=side, boxpoints="all",
+                                jitter=0.4, marker={"color": color, "size": 4}, line={"color": color})
+                         for side, color in SIDES])
+        layout(fig, title="P(refusal tokens) at the first position", height=360, yaxis={"title": "probability"})
+        blocks.append(Figure(dom_id="fig-first-token", title="First-token refusal probability",
+                             caption=spans("Each point is one held-out test prompt."),
+                             html=to_div(fig, "fig-first-token"), source=fig))
+    return blocks
+
+
+def logit_lens(ctx: RunContext) -> list[Block]:
+    name = "phase2/logit_lens"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    rec = ctx.get(name)
+    if not {"harmful", "harmless"} <= set(rec.arrays):
+        return [missing(name, "arrays harmful/harmless absent")]
+    fig = go.Figure()
+    stats = {}
+    for side, color in SIDES:
+        arr = to_numpy(rec.arrays[side])  # [layer, prompt]
+        mean, low, high = mean_ci(arr, axis=1)
+        stats[side] = (mean, low, high, arr.shape[1])
+        for trace in band(go, range(arr.shape[0]), mean, low, high, name=side, color=color):
+            fig.add_trace(trace)
+    layout(fig, title="Logit lens: P(refusal tokens) read at each layer", xaxis={"title": "layer"},
+           yaxis={"title": "P(refusal tokens)"})
+    last = {side: fmt.estimate({"value": m[-1], "ci_low": lo[-1], "ci_high": hi[-1], "n": n})
+            for side, (m, lo, hi, n) in stats.items()}
+    first = rec.numbers.get("first_layer_separating")
+    where = (f"The harmful-harmless gap first exceeds half its maximum at layer {first}."
+             if first is not None else "The harmful and harmless curves never separate (no positive gap).")
+    return [para(f"Read through the final norm and unembedding, the last layer gives mean P(refusal tokens) "
+                 f"{last['harmful']} on harmful and {last['harmless']} on harmless prompts. {where}"),
+            Figure(dom_id="fig-logit-lens", title="Logit lens", html=to_div(fig, "fig-logit-lens"), source=fig,
+                   caption=spans("Mean over held-out prompts; bands: 95% CI of the mean (normal approximation)."))]
+
+
+def attention_entropy(ctx: RunContext) -> list[Block]:
+    name = "phase2/attention_entropy"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    rec = ctx.get(name)
+    if not {"harmful", "harmless"} <= set(rec.arrays):
+        return [missing(name, "arrays harmful/harmless absent")]
+    fig = go.Figure()
+    for side, color in SIDES:
+        arr = to_numpy(rec.arrays[side]).mean(-1)  # [prompt, layer]: mean over heads
+        mean, low, high = mean_ci(arr, axis=0)
+        for trace in band(go, range(arr.shape[1]), mean, low, high, name=side, color=color):
+            fig.add_trace(trace)
+    differing = [int(x) for x in rec.numbers.get("layers_differing") or []]
+    for layer in differing:
+        fig.add_vline(x=layer, line={"color": "#999", "dash": "dot", "width": 1})
+    layout(fig, title="Attention entropy by layer (mean over heads)", xaxis={"title": "layer"},
+           yaxis={"title": "entropy (nats)"})
+    alpha = ctx.config.get("alpha", 0.05)
+    text = (f"Layers whose mean attention entropy differs between harmful prompts and their harmless analogues "
+            f"(paired permutation test, Benjamini-Hochberg at alpha = {alpha}): "
+            f"{', '.join(map(str, differing)) if differing else 'none'}.")
+    return [para(text), Figure(dom_id="fig-attention-entropy", title="Attention entropy",
+                               html=to_div(fig, "fig-attention-entropy"), source=fig,
+                               caption=spans("Bands: 95% CI of the mean over prompts; dotted lines mark the "
+                                             "layers that differ after correction."))]
+
+
+def behaviour_blocks(ctx: RunContext) -> list[Block]:
+    return [*refusal_rates(ctx), *first_token(ctx), *logit_lens(ctx), *attention_entropy(ctx)]
+
+
+def keyword_attention(ctx: RunContext) -> list[Block]:
+    """H2's detection stage: the last position's attention to harm keywords, by layer."""
+    name = "h2/keyword_attention"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    rec = ctx.get(name)
+    if not {"mean", "ci_low", "ci_high"} <= set(rec.arrays):
+        return [missing(name, "arrays mean/ci_low/ci_high absent")]
+    mean, low, high = (to_numpy(rec.arrays[k]) for k in ("mean", "ci_low", "ci_high"))
+    fig = go.Figure(band(go, range(mean.shape[0]), mean, low, high, name="harm keywords", color=HARMFUL))
+    fig.add_hline(y=1.0, line={"dash": "dash", "color": "#888"})
+    layout(fig, title="Attention to harm keywords by layer (relative to their share of the prompt)",
+           xaxis={"title": "layer"}, yaxis={"title": "attention / keyword share"})
+    peak = int(mean.argmax())
+    return [para(f"Attention from the last position to the harmful prompt's keywords (the tokens its harmless "
+                 f"analogue lacks), over the keywords' share of the prompt, over {rec.numbers.get('n', 'n/a')} pairs: "
+                 f"it peaks at layer {peak} with "
+                 f"{fmt.estimate({'value': mean[peak], 'ci_low': low[peak], 'ci_high': high[peak]})}; 1 (dashed) "
+                 "is no preference."),
+            Figure(dom_id="fig-keyword-attention", title="Keyword attention", html=to_div(fig, "fig-keyword-attention"),
+                   source=fig, caption=spans("Band: the recorded bootstrap CI over pairs."))]

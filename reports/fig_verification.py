@@ -1,0 +1,154 @@
+"""Phase 4 and H3 in the report: ablation conditions, gradients vs patching, cross-category ablation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import plotly.graph_objects as go
+from markupsafe import Markup
+from plotly.subplots import make_subplots
+
+from reports import fmt
+from reports.attention_view import token_strip
+from reports.context import RunContext
+from reports.document import Block, Figure, missing, para, spans, table
+from reports.plots import HARMFUL, HARMLESS, NEUTRAL, esc, est_errors, finite_list, layout, to_div, to_numpy
+
+
+def _absent(ctx: RunContext, name: str) -> list[Block] | None:
+    return [missing(name, ctx.unreadable.get(name))] if ctx.get(name) is None else None
+
+
+def _condition_sentence(c: Mapping[str, Any], controls: Mapping[str, Mapping[str, Any]]) -> str:
+    method = f", {c['method']} ablation" if c.get("method") else ""
+    text = (f"Ablating {c.get('label') or c.get('name')} ({c.get('n_components', 'n/a')} components{method}) moved the refusal rate on harmful test prompts from "
+            f"{fmt.estimate(c.get('refusal_rate_baseline'), pct=True)} to "
+            f"{fmt.estimate(c.get('refusal_rate_ablated'), pct=True)}: a relative drop of "
+            f"{fmt.estimate(c.get('relative_drop'), pct=True)} (McNemar {fmt.p_value(c.get('mcnemar_p'))}, "
+            f"Holm-adjusted {fmt.p_value(c.get('p_holm'))}).")
+    control = controls.get(str(c.get("name")))
+    if control is not None:
+        text += (f" Its control, {control.get('label') or control.get('name')}, dropped it by "
+                 f"{fmt.estimate(control.get('relative_drop'), pct=True)} (Holm {fmt.p_value(control.get('p_holm'))}).")
+    return text
+
+
+def ablation(ctx: RunContext) -> list[Block]:
+    name = "phase4/ablation"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    nums = ctx.numbers(name)
+    conditions = list(nums.get("conditions") or [])
+    if not conditions:
+        return [missing(name, "no ablation conditions recorded")]
+    controls = {str(c.get("control_of")): c for c in conditions if c.get("kind") == "control" and c.get("control_of")}
+    blocks: list[Block] = [para(_condition_sentence(c, controls)) for c in conditions if c.get("kind") == "circuit"]
+    labels = [esc(c.get("label") or c.get("name")) for c in conditions]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.1,
+                        subplot_titles=["refusal rate, before and after", "relative drop"])
+    for key, title, color in (("refusal_rate_baseline", "baseline", NEUTRAL), ("refusal_rate_ablated", "ablated", HARMFUL)):
+        vals, plus, minus = est_errors([c.get(key) for c in conditions])
+        fig.add_trace(go.Bar(x=labels, y=vals, name=title, marker={"color": color},
+                             error_y={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}),
+                      row=1, col=1)
+    vals, plus, minus = est_errors([c.get("relative_drop") for c in conditions])
+    fig.add_trace(go.Bar(x=labels, y=vals, name="relative drop", showlegend=False,
+                         marker={"color": [HARMLESS if c.get("kind") == "circuit" else "#aab7b8" for c in conditions]},
+                         error_y={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}),
+                  row=1, col=2)
+    bar = ctx.config.get("ablation_drop")
+    if bar is not None:
+        fig.add_hline(y=float(bar), line={"dash": "dash", "color": "#888"}, row=1, col=2)
+    fig.update_yaxes(title_text="refusal rate", range=[0, 1.05], row=1, col=1)
+    layout(fig, title=f"Ablation on {nums.get('n_prompts', 'n/a')} {nums.get('split', 'test')} prompts", height=460,
+           barmode="group")
+    blocks.append(Figure(dom_id="fig-ablation", title="Ablation conditions", html=to_div(fig, "fig-ablation"), source=fig,
+                         caption=spans("Left: refusal rate with 95% CI before and after each ablation. Right: the "
+                                       "relative drop with its CI (blue: circuits, grey: controls that ablate matched "
+                                       "random components); dashed: the C2 bar.")))
+    rows = [(str(c.get("label") or c.get("name")), str(c.get("kind", "")), fmt.number(c.get("n_components")),
+             str(c.get("method") or "n/a"), fmt.estimate(c.get("refusal_rate_baseline"), pct=True),
+             fmt.estimate(c.get("refusal_rate_ablated"), pct=True), fmt.estimate(c.get("relative_drop"), pct=True),
+             fmt.p_value(c.get("mcnemar_p")), fmt.p_value(c.get("p_holm")), fmt.number(c.get("kl_harmless")),
+             fmt.number(c.get("answer_ce_increase"))) for c in conditions]
+    blocks.append(table(("condition", "kind", "components", "method", "refusal rate (baseline)", "refusal rate (ablated)",
+                         "relative drop", "McNemar p", "Holm p", "KL on harmless", "answer CE increase"), rows,
+                        css="wide", dom_id="table-ablation"))
+    return blocks
+
+
+def gradients(ctx: RunContext) -> list[Block]:
+    name = "phase4/gradients"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    rec = ctx.get(name)
+    nums = rec.numbers
+    corr = list(nums.get("correlations") or [])
+    bar = nums.get("gradient_r_bar", ctx.config.get("gradient_r"))
+    blocks: list[Block] = [para(
+        f"Integrated gradients completeness error (max relative): {fmt.number(nums.get('ig_completeness_error'))}. "
+        + " ".join(f"{c.get('name')} versus {c.get('versus')}: r = {fmt.estimate(c.get('estimate'))}." for c in corr)
+        + f" The criterion asks for r above {fmt.number(bar)}: {'met' if nums.get('met') else 'not met'}.")]
+    keys = {c.get("name"): c.get("key") for c in corr if c.get("key")}
+
+    def key(name: Any) -> str | None:  # arrays are "scatter.<key>.x"; older runs used the name, spaces as "_"
+        for k in ([keys[name]] if name in keys else []) + [str(name), str(name).replace(" ", "_")]:
+            if f"scatter.{k}.x" in rec.arrays and f"scatter.{k}.y" in rec.arrays:
+                return k
+        return None
+
+    names = [c.get("name") for c in corr if key(c.get("name")) is not None]
+    if names:
+        cols = min(len(names), 3)
+        rows = math.ceil(len(names) / cols)
+        by_name = {c.get("name"): c for c in corr}
+        titles = [f"{esc(n)}: r = {fmt.estimate(by_name[n].get('estimate'), digits=2)}" for n in names]
+        fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles)
+        for i, n in enumerate(names):
+            x, y = to_numpy(rec.arrays[f"scatter.{key(n)}.x"]), to_numpy(rec.arrays[f"scatter.{key(n)}.y"])
+            fig.add_trace(go.Scatter(x=finite_list(x), y=finite_list(y), mode="markers", name=esc(n),
+                                     marker={"size": 5, "color": HARMFUL, "opacity": 0.6}, showlegend=False),
+                          row=i // cols + 1, col=i % cols + 1)
+            fig.update_xaxes(title_text="gradient attribution", row=i // cols + 1, col=i % cols + 1)
+            fig.update_yaxes(title_text=esc(by_name[n].get("versus") or "patching"), row=i // cols + 1,
+                             col=i % cols + 1)
+        layout(fig, title="Gradient attribution versus patching", height=380 * rows)
+        blocks.append(Figure(dom_id="fig-gradients", title="Gradient vs patching", html=to_div(fig, "fig-gradients"),
+                             source=fig,
+                             caption=spans("Each point is one component; r is the rank correlation with its CI.")))
+    else:
+        blocks.append(missing(name, "no gradient-vs-patching scatter arrays"))
+    examples = list(nums.get("ig_examples") or [])[:4]
+    if examples:
+        strips = Markup("").join(Markup('<div class="ig-example"><div class="ig-prompt">{p}</div>{s}</div>').format(
+            p=e.get("prompt", ""), s=token_strip(e.get("tokens") or [], e.get("attributions") or [])) for e in examples)
+        blocks.append(Figure(dom_id="fig-ig-examples", title="Integrated gradients on input tokens", kind="html",
+                             html=strips, caption=spans("Red: the token raises the refusal score; blue: lowers it.")))
+    return blocks
+
+
+def cross_category(ctx: RunContext) -> list[Block]:
+    name = "h3/cross_category"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    rec = ctx.get(name)
+    cats = [esc(c) for c in rec.numbers.get("categories") or []]
+    panels = [(k, t) for k, t in (("matrix", "relative drop of refusal score"), ("overlap", "top-head overlap (Jaccard)"),
+                                  ("activation_correlation", "activation correlation")) if k in rec.arrays]
+    if not panels:
+        return [missing(name, "no matrices recorded")]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for _, t in panels], horizontal_spacing=0.12)
+    for i, (key, _) in enumerate(panels, start=1):
+        z = to_numpy(rec.arrays[key])
+        labels = cats if len(cats) == z.shape[0] else [str(j) for j in range(z.shape[0])]
+        fig.add_trace(go.Heatmap(z=finite_list(z), x=labels, y=labels, colorscale="Viridis", showscale=i == 1,
+                                 text=[[fmt.number(v, digits=2) for v in row] for row in z.tolist()],
+                                 texttemplate="%{text}",
+                                 hovertemplate="ablate %{y} → measure %{x}: %{z:.3f}<extra></extra>"), row=1, col=i)
+    layout(fig, title="H3: cross-category ablation", height=480)
+    return [para("Rows: the harm category whose top heads are ablated; columns: the category whose prompts are "
+                 "measured. A shared substrate shows as off-diagonal cells as large as the diagonal."),
+            Figure(dom_id="fig-cross-category", title="Cross-category ablation matrix",
+                   html=to_div(fig, "fig-cross-category"), source=fig,
+                   caption=spans("The H3 verdict above rests on the first matrix."))]

@@ -1,0 +1,167 @@
+"""The front of the write-up: verdict table, abstract, introduction, methodology, claim evidence.
+
+Prose is assembled from the run's results and configuration: a status is always spelled
+out in capitals ("H1 is REFUTED: ..."), thresholds come from the recorded config, and a
+number appears only through reports.fmt, with its interval.
+"""
+
+from __future__ import annotations
+
+from reports import fmt
+from reports.context import KNOWN_RESULTS, ClaimRow, RunContext, anchor
+from reports.document import Block, Inline, Section, Span, bullets, cell, para, spans, table
+
+STATUS_WORD = {"supported": "SUPPORTED", "refuted": "REFUTED", "inconclusive": "INCONCLUSIVE",
+               "missing": "NOT EVALUATED"}
+
+
+def status_sentence(row: ClaimRow) -> str:
+    """``H1 is REFUTED: <summary>``; the words carry the verdict, colour only repeats it."""
+    if row.status == "missing":
+        return f"{row.claim} was NOT EVALUATED: no verdict was recorded in this run."
+    how = " (combined from its lines of evidence)" if row.combined else ""
+    if row.claim[:1] in ("C", "S") and row.status in ("supported", "refuted"):
+        # for the criteria and stretch goals, supported means met (hypotheses/decisions.py)
+        how += " (criterion met)" if row.status == "supported" else " (criterion not met)"
+    return f"{row.claim} is {STATUS_WORD.get(row.status, row.status.upper())}{how}: {row.summary}"
+
+
+def _result_link(name: str) -> Span:
+    """A link to a result's section; a result the report has no section for is named, not linked."""
+    if name in KNOWN_RESULTS:
+        return Span(text=name, href="#" + anchor(name))
+    return Span(text=name, code=True)
+
+
+def _evidence_links(row: ClaimRow) -> Inline:
+    parts: list[Span] = [Span(text="details", href="#" + row.anchor)]
+    seen = set()
+    for line in row.lines:
+        if line.evidence_result and line.evidence_result not in seen:
+            seen.add(line.evidence_result)
+            parts += [Span(text=", "), _result_link(line.evidence_result)]
+    return tuple(parts)
+
+
+def verdict_section(ctx: RunContext) -> Section:
+    rows = [(cell(Span(text=r.claim, href="#" + r.anchor, strong=True)), r.title,
+             cell(Span(text=STATUS_WORD.get(r.status, r.status.upper()), strong=True)), status_sentence(r),
+             _evidence_links(r)) for r in ctx.claims]
+    blocks: list[Block] = []
+    if ctx.manifest.get("synthetic"):
+        blocks.append(para("SYNTHETIC run: the numbers below are seeded noise written to test the report, not "
+                           "measurements of any model.", css="warning"))
+    if ctx.partial:
+        gone = ", ".join(ctx.missing) if ctx.missing else "none"
+        blocks.append(para(f"This run is PARTIAL (status: {ctx.status}). Results it did not record: {gone}. Every "
+                           "figure below comes from this run directory only; what is missing is marked missing.",
+                           css="warning"))
+    blocks.append(table(("claim", "statement", "verdict", "why", "evidence"), rows, css="verdicts",
+                        row_css=tuple(f"status-{r.status}" for r in ctx.claims), dom_id="verdict-table"))
+    return Section(dom_id="verdicts", title="Verdicts", blocks=tuple(blocks))
+
+
+def _verdict_list(ctx: RunContext, claims: tuple[str, ...]) -> str:
+    rows = {r.claim: r for r in ctx.claims}
+    return "; ".join(f"{c} is {STATUS_WORD[rows[c].status]}" if c in rows and rows[c].status in STATUS_WORD
+                     else f"{c} is {rows[c].status.upper()}" for c in claims if c in rows)
+
+
+def abstract(ctx: RunContext) -> Section:
+    model = ctx.model
+    size = (ctx.manifest.get("model_load") or {}).get("memory_estimate", {}).get("n_params")
+    what = (f"{ctx.model_name} ({model.get('n_layers', 'n/a')} layers, "
+            f"{fmt.params(size)} parameters, quantization {model.get('quant', ctx.config.get('quant', 'n/a'))})")
+    rates = ctx.numbers("phase2/refusal_rates")
+    text = [f"We ask how {what} decides to refuse harmful requests, using contrastive pairs of harmful and harmless "
+            "prompts, activation patching, ablation, gradient attribution and a refusal direction."]
+    if rates:
+        text.append(f"It refuses {fmt.estimate((rates.get('harmful') or {}).get('refusal_rate'), pct=True)} of held-out "
+                    f"harmful prompts and {fmt.estimate((rates.get('harmless') or {}).get('refusal_rate'), pct=True)} "
+                    "of their harmless analogues.")
+    text.append(f"Hypotheses: {_verdict_list(ctx, ('H1', 'H2', 'H3'))}. Success criteria: "
+                f"{_verdict_list(ctx, ('C1', 'C2', 'C3'))}.")
+    circuit = ctx.numbers("phase5/circuit")
+    if circuit.get("faithfulness") is not None:
+        text.append(f"The reconstructed circuit keeps {fmt.estimate(circuit['faithfulness'])} of the refusal score "
+                    "with everything else mean-ablated.")
+    drops = [c for c in ctx.numbers("phase4/ablation").get("conditions") or [] if c.get("kind") == "circuit"]
+    if drops:
+        c = drops[0]
+        text.append(f"Ablating {c.get('label') or c.get('name')} lowers the refusal rate by "
+                    f"{fmt.estimate(c.get('relative_drop'), pct=True)} (relative; Holm {fmt.p_value(c.get('p_holm'))}).")
+    if ctx.partial:
+        text.append(f"This run is partial: {len(ctx.missing)} of the expected results are missing and marked so.")
+    return Section(dom_id="abstract", title="Abstract", blocks=(para(" ".join(text)),))
+
+
+def introduction(ctx: RunContext) -> Section:
+    return Section(dom_id="introduction", title="Introduction", blocks=(
+        para("Chat models are trained to decline harmful requests. Whether that behaviour is implemented by a small, "
+             "identifiable mechanism matters for auditing it and for knowing how easily it can be removed. Following "
+             "the circuits programme (activation patching, attribution patching, ablation) and the finding that "
+             "refusal is mediated by a single residual-stream direction (Arditi et al., 2024), this report tests "
+             f"three hypotheses on {ctx.model_name}, each decided by a pre-registered bar on a confidence interval:"),
+        bullets([cell(Span(text=r.claim, strong=True, href="#" + r.anchor), f": {r.title}.")
+                 for r in ctx.claims if r.claim.startswith("H")]),
+        para("A hypothesis is SUPPORTED only when its interval clears the bar, REFUTED when it lies on the wrong side, "
+             "and INCONCLUSIVE otherwise. A refuted hypothesis is a result, reported as such."),
+    ))
+
+
+def methodology(ctx: RunContext) -> Section:
+    c = ctx.config
+    return Section(dom_id="methodology", title="Methodology", blocks=(
+        para(Span(text="Metric.", strong=True), " The refusal score is the log-odds log p/(1 - p) of p, the summed "
+             "probability of the subject's refusal tokens at the first generated position; the tokens are the ones "
+             "the subject itself opens its refusals with (found on the train split), so the score is comparable "
+             "across models and does not saturate like a probability."),
+        para(Span(text="Activation patching.", strong=True), " Each harmful prompt (clean) is paired with a harmless "
+             "analogue of the same form (corrupted). Denoising runs the corrupted prompt and splices in one "
+             "component's activation from the clean run: does that component suffice to restore refusal? Noising "
+             "runs the clean prompt with the corrupted activation: is the component necessary? The normalized effect "
+             "is (patched - base) / (source - base): 0 is the unpatched base run, 1 the full source run, in either "
+             f"direction. Exact patching uses {c.get('patch_pairs', 'n/a')} train pairs; positions are counted from "
+             "the end of the prompt."),
+        para(Span(text="Attribution patching (AtP).", strong=True), " A first-order estimate of every patch at once: "
+             "(source activation - base activation) times the gradient of the metric at the base run, summed over "
+             "positions. One backward pass replaces thousands of forward passes; the top AtP heads are re-checked "
+             "exactly and the agreement reported as a rank correlation."),
+        para(Span(text="Ablation.", strong=True), " Components are replaced by zero, by their mean over reference "
+             "prompts, or by a resampled reference activation, at every position including generated ones. Each "
+             "circuit ablation is paired with a control ablating as many random components of the same kind. "
+             "Refusal rates before and after are compared with McNemar's test on the same prompts, and p-values "
+             "are Holm-corrected across conditions."),
+        para(Span(text="Gradients.", strong=True), f" Integrated gradients ({c.get('ig_steps', 'n/a')} steps; "
+             "completeness checked) attribute the refusal score to input tokens; component saliencies are compared "
+             f"with patching effects by rank correlation (criterion: r above {c.get('gradient_r', 'n/a')})."),
+        para(Span(text="Refusal direction.", strong=True), " Candidates are differences in mean residual activations "
+             f"of harmful and harmless train prompts at each of the last {c.get('direction_positions', 'n/a')} "
+             "post-instruction positions and each layer. On validation prompts, a candidate is kept if ablating it "
+             f"keeps the KL on harmless prompts at most {c.get('direction_kl', 'n/a')} and adding it induces a refusal "
+             f"score of at least {c.get('direction_induce', 'n/a')}; the last "
+             f"{fmt.number(c.get('direction_prune'), pct=True)} "
+             "of layers are excluded; among the rest the one with the lowest bypass score (refusal score of harmful "
+             "prompts with the direction ablated at every layer) is chosen."),
+        para(Span(text="Statistics.", strong=True),
+             f" Intervals are {fmt.number(1 - float(c.get('alpha', 0.05)), pct=True)} "
+             f"confidence intervals (bootstrap BCa with {c.get('n_bootstrap', 'n/a')} resamples unless stated); "
+             f"seed {c.get('seed', 'n/a')}. Verdicts are decided on interval bounds, never on point estimates."),
+    ))
+
+
+def claim_evidence(ctx: RunContext) -> Section:
+    children = []
+    for row in ctx.claims:
+        blocks: list[Block] = [para(status_sentence(row), css=f"status-{row.status}")]
+        items = []
+        for line in row.evidence_lines:
+            parts: list[Span | str] = [Span(text=line.evidence, strong=True),
+                                       f" is {STATUS_WORD.get(line.status, line.status.upper())}: {line.summary}"]
+            if line.evidence_result:
+                parts += [" (see ", _result_link(line.evidence_result), ")"]
+            items.append(spans(*parts))
+        if items:
+            blocks.append(bullets(items))
+        children.append(Section(dom_id=row.anchor, title=f"{row.claim}: {row.title}", blocks=tuple(blocks), level=4))
+    return Section(dom_id="evidence", title="Evidence by claim", level=3, children=tuple(children))

@@ -1,0 +1,257 @@
+"""End to end: the explorer served by `streamlit run` on loopback, driven in headless Chromium.
+
+On the organism with a small run directory built here from the instruments (a refusal
+direction from 8 train pairs at the middle layer, heads and neurons ranked by attribution
+patching on 4 pairs), the test types a harmful prompt, sees a high refusal probability and
+a refusal, ablates the run's top components and the direction, and sees the probability
+drop. It measures (never asserts) the latency of non-generating interactions and the
+time to the first streamed token, prints them and writes them to
+.benchmarks/explorer_latency.json; screenshots go to the test's tmp dir (and to docs/explorer.png with REFUSAL_UPDATE_DOCS=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures.config import RefusalConfig
+from fixtures.data import load_prompts
+from fixtures.recording import Recorder
+from fixtures.storage import REPO_ROOT
+from instruments import behavior, metrics
+from instruments.components import Head, Neuron, label, to_json
+from instruments.direction import DirectionSpec, candidate_directions, layer_projections
+from instruments.patching import PatchSpec, attribution_patch
+
+pytestmark = [pytest.mark.explorer, pytest.mark.browser, pytest.mark.integration, pytest.mark.phase6]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+APP = REPO_ROOT / "reports" / "app" / "explorer.py"
+TOP = 10  # heads and neurons recorded in the run
+
+
+def _require_browser():
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("the python package playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+
+
+def build_run(handle, path: Path) -> dict:
+    """A cheap run directory of the organism per reports/SCHEMA.md; returns facts for the test."""
+    pairs = load_prompts().split("train")[::10][:8]  # spread over the categories
+    harmful, harmless = [p.harmful for p in pairs], [p.harmless for p in pairs]
+    rec = Recorder(run_dir=path)
+    rec.note(model=handle.describe(), config={"model": "organism"})
+    # refusal tokens as the phases find them: the model's own openings
+    gh = behavior.generate(handle, harmful, max_new_tokens=6)
+    gs = behavior.generate(handle, harmless, max_new_tokens=6)
+    tokens = metrics.discover_tokens(handle.tokenizer,
+                                     refused_first=[t for t, r in zip(gh.first_tokens, gh.refused) if r],
+                                     complied_first=[t for t, r in zip(gs.first_tokens, gs.refused) if not r])
+    decode = handle.tokenizer.decode
+    rec.save("phase2/first_token", numbers={"refusal_tokens": [decode([t]) for t in tokens.refusal_ids],
+                                            "compliance_tokens": [decode([t]) for t in tokens.compliance_ids],
+                                            "token_source": tokens.source})
+    # the direction: difference in means at the last template token, middle layer
+    layer = handle.n_layers // 2
+    cands = candidate_directions(handle, harmful, harmless, spec=DirectionSpec(n_positions=1))
+    vector = cands.mean_diff[0, layer]
+    unit = vector / vector.norm()
+    rec.save("phase5/direction", numbers={"layer": layer, "pos": -1, "meets_thresholds": True},
+             arrays={"direction": unit, "projection.harmful": layer_projections(handle, harmful, unit),
+                     "projection.harmless": layer_projections(handle, harmless, unit)})
+    # heads and neurons ranked by attribution patching (denoising: harmless run, harmful activations)
+    atp = attribution_patch(handle, harmful[:4], harmless[:4], lambda lg: metrics.refusal_score(lg, tokens),
+                            PatchSpec(max_batch=8))
+    heads = atp.heads.mean(-1)
+    order = heads.abs().flatten().topk(TOP).indices.tolist()
+    ranking = []
+    for i in order:
+        h = Head(layer=atp.layers[i // handle.n_heads], head=i % handle.n_heads)
+        effect = float(atp.normalized(atp.heads[h.layer, h.head]))
+        ranking.append({"component": to_json(h), "label": label(h), "effect": effect, "low": None, "high": None,
+                        "atp": float(heads[h.layer, h.head])})
+    rec.save("phase3/heads", numbers={"ranking": ranking, "n_heads": handle.n_layers * handle.n_heads, "n_pairs": 4})
+    neurons = atp.neurons.mean(-1)
+    catalogue = []
+    for rank, i in enumerate(neurons.abs().flatten().topk(TOP).indices.tolist()):
+        n = Neuron(layer=atp.layers[i // handle.d_mlp], index=i % handle.d_mlp)
+        catalogue.append({"component": to_json(n), "label": label(n), "rank": rank,
+                          "atp": float(neurons[n.layer, n.index]), "top_examples": []})
+    rec.save("phase3/neurons", numbers={"catalogue": catalogue})
+    return {"tokens": tokens, "direction": unit, "layer": layer}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"streamlit exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"streamlit did not answer in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+RUN_NUMBER = "() => { const m = document.body.innerText.match(/Page run #(\\d+) took/); return m ? Number(m[1]) : 0; }"
+RUN_SECONDS = "() => { const m = document.body.innerText.match(/Page run #\\d+ took ([0-9.]+) s/); return m ? Number(m[1]) : null; }"
+
+
+def _after(page, action, timings: dict, name: str, *, timeout_ms: int = 180_000) -> None:
+    """Do ``action``, wait until the page has finished the rerun it causes, and record its seconds:
+    in the browser (click to finished page) and on the server (the script's own run time)."""
+    before = page.evaluate(RUN_NUMBER)
+    start = time.perf_counter()
+    action()
+    page.wait_for_function(f"(n) => ({RUN_NUMBER})() > n", arg=before, timeout=timeout_ms, polling=20)
+    timings[f"{name}.browser_s"] = time.perf_counter() - start
+    timings[f"{name}.server_s"] = page.evaluate(RUN_SECONDS)
+
+
+def _metric(page, name: str) -> list[str]:
+    boxes = page.locator('[data-testid="stMetric"]').filter(has=page.get_by_text(name, exact=True))
+    return [v.strip() for v in boxes.locator('[data-testid="stMetricValue"]').all_inner_texts()]
+
+
+def test_explorer_in_a_browser(tmp_path):
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    from fixtures.models import load_model
+
+    torch.set_num_threads(1)
+    handle, _ = load_model(RefusalConfig(model="organism", device="cpu"))
+    run_dir = tmp_path / "runs" / "organism" / "20260101T000000Z"
+    built = build_run(handle, run_dir)
+    # the harmful test prompt the organism is surest to refuse (among a few)
+    # (not the first test pair: the page starts on it, and typing it again would change nothing)
+    candidates = [p.harmful for p in load_prompts().split("test")[1:7]]
+    p_ref = behavior.first_token_probs(handle, candidates, built["tokens"]).refusal
+    prompt = candidates[int(p_ref.argmax())]
+    first_piece = next(behavior.stream_generate(handle, prompt, max_new_tokens=4)).strip()
+    del handle
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "streamlit.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+               "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none", "--", "--model", "organism", "--device", "cpu",
+               "--run", str(run_dir)]
+    timings: dict[str, float | None] = {}
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(url, server, log, timeout=120)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1500, "height": 1700})
+                start = time.perf_counter()
+                page.goto(url)
+                page.wait_for_function(f"() => ({RUN_NUMBER})() >= 1", timeout=300_000, polling=100)
+                timings["first_page_load.browser_s"] = time.perf_counter() - start
+
+                # a harmful prompt: high refusal probability
+                box = page.get_by_label("Prompt", exact=True)
+                box.fill(prompt)
+                _after(page, lambda: box.press("Control+Enter"), timings, "new_prompt")
+                clean = float(_metric(page, "P(refusal), first token")[0])
+                assert clean > 0.5, f"the organism should be likely to refuse {prompt!r}: P = {clean}"
+                page.screenshot(path=str(shots / "1-prompt.png"), full_page=True)
+
+                # generation streams: time to the first streamed piece, seen in the page
+                count = ("(p) => [...document.querySelectorAll('[data-testid=\"stMarkdownContainer\"]')]"
+                         ".filter(e => e.innerText.trim().startsWith(p)).length")
+                before, run_before = page.evaluate(count, first_piece), page.evaluate(RUN_NUMBER)
+                start = time.perf_counter()
+                page.get_by_role("button", name="Generate", exact=True).click()
+                page.wait_for_function(f"([p, n]) => ({count})(p) > n", arg=[first_piece, before], polling=10,
+                                       timeout=180_000)
+                timings["generate.browser_time_to_first_token_s"] = time.perf_counter() - start
+                page.wait_for_function(f"(n) => ({RUN_NUMBER})() > n", arg=run_before, timeout=300_000)
+                timings["generate.browser_total_s"] = time.perf_counter() - start
+                caption = page.get_by_text("first token after").first.inner_text()
+                timings["generate.server_time_to_first_token_s"] = float(caption.split("after ")[1].split(" s")[0])
+                assert _metric(page, "Classifier verdict") == ["refusal"]
+                page.screenshot(path=str(shots / "2-generated.png"), full_page=True)
+
+                # non-generating interactions
+                page.screenshot(path=str(shots / "3-layers.png"), full_page=True)
+                _after(page, lambda: page.get_by_text("Circuit", exact=True).click(), timings,
+                       "switch_to_circuit_view")  # one forward pass (all heads' writes)
+                page.screenshot(path=str(shots / "4-circuit.png"), full_page=True)
+                _after(page, lambda: page.get_by_text("Attention", exact=True).click(), timings,
+                       "switch_to_attention_view")  # one forward pass (a layer's patterns)
+                head = page.get_by_label("Head", exact=True)
+                head.fill("3")
+                _after(page, lambda: head.press("Enter"), timings, "change_attention_head")  # memoised
+                page.screenshot(path=str(shots / "5-attention.png"), full_page=True)
+                _after(page, lambda: page.get_by_text("Layers", exact=True).click(), timings,
+                       "back_to_layers_view")  # memoised
+
+                # the ablation bench: top-k from the run, then the refusal direction
+                _after(page, lambda: page.get_by_text("Ablation bench", exact=True).click(), timings,
+                       "switch_to_ablation_bench")  # memoised
+                _after(page, lambda: page.get_by_role("button", name="Select top-k from the run").click(), timings,
+                       "select_top_k")  # one ablated forward pass
+                _after(page, lambda: page.get_by_text("Refusal direction (from layer").click(), timings,
+                       "tick_direction")  # one ablated forward pass
+                ablated = float(_metric(page, "P(refusal), ablated")[0])
+                assert float(_metric(page, "P(refusal), clean")[0]) == pytest.approx(clean, abs=1e-3)
+                assert ablated < 0.5 * clean, f"ablating the top components and the direction left P = {ablated}"
+                _after(page, lambda: page.get_by_role("button", name="Regenerate with ablation").click(), timings,
+                       "regenerate_ablated", timeout_ms=300_000)
+                verdicts = _metric(page, "Classifier verdict")
+                page.screenshot(path=str(shots / "6-ablation.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    # The README's screenshot is a tracked file: refresh it only when asked, so a test run
+    # never leaves the checkout modified.
+    if os.environ.get("REFUSAL_UPDATE_DOCS"):
+        docs = REPO_ROOT / "docs"
+        docs.mkdir(exist_ok=True)
+        shutil.copy(shots / "6-ablation.png", docs / "explorer.png")
+    report = {"model": "organism", "device": "cpu", "torch_threads": 1, "prompt": prompt,
+              "p_refusal_clean": clean, "p_refusal_ablated": ablated, "verdicts_clean_then_ablated": verdicts,
+              "seconds": {k: None if v is None else round(v, 3) for k, v in timings.items()},
+              "screenshots": str(shots)}
+    (REPO_ROOT / ".benchmarks").mkdir(exist_ok=True)
+    for path in (REPO_ROOT / ".benchmarks" / "explorer_latency.json", tmp_path / "explorer_latency.json"):
+        path.write_text(json.dumps(report, indent=2))
+    print("\nexplorer latency (organism, CPU, 1 torch thread):\n" + json.dumps(report, indent=2))
