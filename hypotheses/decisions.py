@@ -122,14 +122,31 @@ def h1_patching(joint: stats.Estimate, k: int, n: int, b: Behaviour, cfg: Refusa
                    p_value=bar_p_value(joint, cfg.h1_share))
 
 
+def broke_model(claim: str, cond: Condition, cfg: RefusalConfig) -> Verdict | None:
+    """An ablation that wrecks harmless behaviour too proves nothing about refusal."""
+    if cond.kl_harmless is None or cond.kl_harmless <= cfg.max_kl:
+        return None
+    return verdict(claim, "ablation", "inconclusive",
+                   f"Ablating {cond.name} ({len(cond.components)} components) drops the refusal rate from "
+                   f"{cond.baseline.rate:.0%} to {cond.ablated.rate:.0%}, but it also breaks the model: next-token KL "
+                   f"on harmless prompts {cond.kl_harmless:.3g} nats (limit {cfg.max_kl}), answer cross-entropy "
+                   f"+{cond.answer_ce_increase if cond.answer_ce_increase is not None else float('nan'):.3g} nats. "
+                   "The drop is not specific to refusal.", result="phase4/ablation", drop=cond.relative_drop,
+                   kl_harmless=cond.kl_harmless, max_kl=cfg.max_kl)
+
+
 def h1_ablation(cond: Condition, n: int, b: Behaviour, cfg: RefusalConfig) -> Verdict:
     if not b.present:
         return no_behaviour("H1", "ablation", b, cfg)
+    broken = broke_model("H1", cond, cfg)
+    if broken is not None:
+        return broken
     k = len(cond.components)
     return verdict("H1", "ablation", against(cond.relative_drop, cfg.h1_drop),
                    f"Mean-ablating the top {k} of {n} heads drops the refusal rate on held-out harmful prompts from "
                    f"{cond.baseline.rate:.0%} to {cond.ablated.rate:.0%}: relative drop {fmt(cond.relative_drop)} "
-                   f"(bar: > {cfg.h1_drop}; McNemar p={cond.mcnemar.p_value:.3g}).",
+                   f"(bar: > {cfg.h1_drop}; McNemar p={cond.mcnemar.p_value:.3g}; KL on harmless prompts "
+                   f"{cond.kl_harmless if cond.kl_harmless is not None else float('nan'):.3g}).",
                    result="phase4/ablation", drop=cond.relative_drop, p_value=bar_p_value(cond.relative_drop, cfg.h1_drop),
                    mcnemar_p=cond.mcnemar.p_value, bar=cfg.h1_drop)
 
@@ -237,6 +254,9 @@ def c1_heads(ranking: Ranking, b: Behaviour, cfg: RefusalConfig) -> Verdict:
 def c2_ablation(cond: Condition, b: Behaviour, cfg: RefusalConfig) -> Verdict:
     if not b.present:
         return no_behaviour("C2", "ablation", b, cfg)
+    broken = broke_model("C2", cond, cfg)
+    if broken is not None:
+        return broken
     return verdict("C2", "ablation", against(cond.relative_drop, cfg.ablation_drop),
                    f"Ablating the circuit ({cond.name}, {len(cond.components)} components) cuts the refusal rate from "
                    f"{cond.baseline.rate:.0%} to {cond.ablated.rate:.0%}: relative drop {fmt(cond.relative_drop)} "

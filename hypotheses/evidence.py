@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float
 from fixtures.config import RefusalConfig
 from fixtures.data import Pair
 from instruments import behavior, stats
-from instruments.ablation import AblationSpec, ablation_hooks
+from instruments.ablation import AblationSpec, ReferenceActivations, ablation_hooks
 from instruments.components import Component, Head, Neuron, all_heads
 from instruments.metrics import RefusalTokens, compliance_prob, refusal_prob, refusal_score
 from instruments.patching import PatchResult, PatchSpec, attribution_patch, patch_components, patch_heads
@@ -323,7 +323,8 @@ def harmless_reference(handle, prompts: Sequence[str], answers: Sequence[str], c
 
 
 def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg: RefusalConfig, *,
-                     name: str, components: Sequence[Component], baseline: Judged, reference: Sequence[str],
+                     name: str, components: Sequence[Component], baseline: Judged,
+                     reference: Sequence[str] | ReferenceActivations,
                      kind: str = "circuit", control_of: str | None = None, method: str = "mean",
                      harmless: HarmlessReference | None = None) -> Condition:
     """Ablate ``components`` (mean: means over harmless TRAIN ``reference`` prompts) and judge refusal.
@@ -338,7 +339,7 @@ def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg:
     from instruments.metrics import kl_divergence
 
     hooks = ablation_hooks(handle, list(components), spec=AblationSpec(method=method, batch_size=cfg.batch_size),
-                           reference=list(reference) if method != "zero" else None)
+                           reference=reference if method != "zero" else None)
     ablated = judge(handle, prompts, tokens, cfg, hooks=hooks)
     kl = ce = None
     if harmless is not None:

@@ -17,7 +17,7 @@ from fixtures.config import RefusalConfig
 from fixtures.data import Pair
 from hypotheses.evidence import atp_scan, boot_estimate, boot_index, harmful, harmless, percentile
 from instruments import behavior, stats
-from instruments.ablation import AblationSpec, ablation_hooks
+from instruments.ablation import AblationSpec, ReferenceActivations, ablation_hooks
 from instruments.components import Head
 from instruments.metrics import RefusalTokens, refusal_score
 from instruments.patching import PatchResult
@@ -181,7 +181,8 @@ class CrossCategory:
 
 
 def cross_category(handle, find: dict[str, Sequence[Pair]], evaluate: dict[str, Sequence[Pair]],
-                   tokens: RefusalTokens, cfg: RefusalConfig, *, reference: Sequence[str]) -> CrossCategory:
+                   tokens: RefusalTokens, cfg: RefusalConfig, *,
+                   reference: Sequence[str] | ReferenceActivations) -> CrossCategory:
     """Top heads per category by AtP on its ``find`` pairs; mean-ablation effects on every ``evaluate`` set."""
     categories = tuple(sorted(find))
     heads: dict[str, tuple[Head, ...]] = {}
@@ -199,7 +200,7 @@ def cross_category(handle, find: dict[str, Sequence[Pair]], evaluate: dict[str, 
     per: dict[str, dict[str, np.ndarray]] = {}
     for a in categories:
         hooks = ablation_hooks(handle, list(heads[a]), spec=AblationSpec(method="mean", batch_size=bs),
-                               reference=list(reference))
+                               reference=reference)
         per[a] = {}
         for b in categories:
             ablated = refusal_score(behavior.last_logits(handle, harmful(evaluate[b]), batch_size=bs,

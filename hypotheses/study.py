@@ -30,7 +30,8 @@ from hypotheses import evidence as ev
 from hypotheses import structure as st
 from hypotheses.verdicts import Verdict
 from instruments import gradients, stats
-from instruments.components import Component, Direction, Head, Neuron, label
+from instruments.ablation import ReferenceActivations, reference_activations
+from instruments.components import Component, Direction, Head, Neuron, hook_name, label
 from instruments.direction import DirectionSpec, find_refusal_direction, layer_projections
 from instruments.metrics import RefusalTokens
 from instruments.patching import PatchResult
@@ -101,9 +102,12 @@ class Study:
         return balanced(self.data.train, self.cfg.patch_pairs)
 
     @cached_property
-    def reference(self) -> list[str]:
-        """Harmless TRAIN prompts: the mean-ablation reference, disjoint from every evaluated prompt."""
-        return ev.harmless(self.data.train)
+    def reference(self) -> ReferenceActivations:
+        """Mean-ablation statistics over harmless TRAIN prompts (disjoint from every evaluated prompt),
+        at every head's z and every MLP's neurons, taken once: each ablation reuses them."""
+        names = [hook_name(Head(layer=layer, head=0)) for layer in range(self.handle.n_layers)]
+        names += [hook_name(Neuron(layer=layer, index=0)) for layer in range(self.handle.n_layers)]
+        return reference_activations(self.handle, ev.harmless(self.data.train), names, batch_size=self.cfg.batch_size)
 
     # ------------------------------------------------------------------ stages
     @cached_property
@@ -126,7 +130,10 @@ class Study:
 
     @cached_property
     def neurons(self) -> ev.Ranking:
-        return ev.rank_neurons(self.handle, self.train_pairs, self.tokens, self.cfg, self.atp)
+        """The AtP top neurons, verified exactly on half the train pairs (one patched forward per
+        neuron and pair: the full set would cost as much as the head sweep)."""
+        pairs = self.train_pairs[: max(2, len(self.train_pairs) // 2)]
+        return ev.rank_neurons(self.handle, pairs, self.tokens, self.cfg, self.atp)
 
     @cached_property
     def h1_joint(self) -> stats.Estimate:

@@ -3,7 +3,7 @@
 Neurons are ranked by attribution patching over every MLP neuron (one backward pass),
 the top ``--refusal-top-neurons`` verified by exact patching. For each: its exact effect
 with a CI, its mean activation difference harmful - harmless at the last position, and
-the tokens (in context) that activate it most across the train and val prompts.
+the tokens (in context) that activate it most across the train prompts (both sides).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_neuron_catalogue(subject, study, recorder, dataset, refusal_config):
     pairs = study.train_pairs
     diff = (_last_position_acts(subject, harmful(pairs), neurons, bs)
             - _last_position_acts(subject, harmless(pairs), neurons, bs)).mean(0)
-    corpus = [*dataset.split("train"), *dataset.split("val")]
+    corpus = dataset.split("train")
     prompts = [p.harmful for p in corpus] + [p.harmless for p in corpus]
     sides = ["harmful"] * len(corpus) + ["harmless"] * len(corpus)
     examples = _top_examples(subject, prompts, sides, neurons, bs)

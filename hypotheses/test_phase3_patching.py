@@ -27,8 +27,9 @@ N_POSITIONS = 6
 
 def test_layer_component_patching(subject, study, recorder, refusal_tokens):
     """3.1: residual stream x position, attention and MLP outputs x layer, both directions, with KL."""
-    # The residual sweep patches every (layer, position): two thirds of the head sweep's pairs keep it affordable.
-    pairs, metric = study.train_pairs[: max(2, 2 * len(study.train_pairs) // 3)], metric_for(refusal_tokens)
+    # Every (layer, position) is one patched forward per pair and direction: a third of the head
+    # sweep's pairs keeps this sweep within minutes on a CPU (the head sweep carries the ranking).
+    pairs, metric = study.train_pairs[: max(2, len(study.train_pairs) // 3)], metric_for(refusal_tokens)
     arrays, numbers = {}, {"positions": list(range(-N_POSITIONS, 0)), "n_pairs": len(pairs),
                            "metric": "refusal score (log-odds of the refusal tokens)"}
     results = {}
@@ -71,8 +72,8 @@ def test_head_ranking(subject, study, recorder, refusal_tokens, refusal_config):
     assert np.all(ranking.effect[finite] <= ranking.ci_high[finite] + 1e-9)
     agreement = patching.rank_agreement(study.atp.heads, exact.normalized, n_boot=refusal_config.n_bootstrap,
                                         seed=refusal_config.seed, alpha=refusal_config.alpha)
-    # Necessity, on fewer pairs (half the train pairs of the sufficiency sweep).
-    noising = head_patching(subject, study.train_pairs[: max(2, len(study.train_pairs) // 2)], refusal_tokens,
+    # Necessity, on fewer pairs (a third of the train pairs of the sufficiency sweep).
+    noising = head_patching(subject, study.train_pairs[: max(2, len(study.train_pairs) // 3)], refusal_tokens,
                             study.cfg, direction="noising")
     bar = refusal_config.head_effect
     recorder.save("phase3/heads", numbers={

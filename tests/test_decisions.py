@@ -170,3 +170,19 @@ def test_bar_p_value_and_holm():
     holm = [v.numbers["p_holm"] for v in lines]
     assert holm[0] == pytest.approx(min(1, 2 * min(ps)))  # Holm multiplies the smallest p by the number of tests
     assert all(h >= p for h, p in zip(holm, ps))
+
+
+def _condition(kl: float) -> ev.Condition:
+    before = np.ones(10, dtype=bool)
+    after = np.zeros(10, dtype=bool)
+    judged = lambda r: ev.Judged(refused=r, scores=np.zeros(10), texts=())  # noqa: E731
+    return ev.Condition(name="x", kind="circuit", control_of=None, components=(Head(layer=0, head=0),),
+                        baseline=judged(before), ablated=judged(after), relative_drop=est(1.0, 1.0, 1.0),
+                        mcnemar=stats.mcnemar(before, after, n_boot=200), kl_harmless=kl, answer_ce_increase=0.1)
+
+
+def test_an_ablation_that_breaks_the_model_is_not_evidence():
+    assert d.c2_ablation(_condition(0.2), behaviour(True), CFG).status == "supported"
+    broken = d.c2_ablation(_condition(5.0), behaviour(True), CFG)
+    assert broken.status == "inconclusive" and "breaks the model" in broken.summary
+    assert d.h1_ablation(_condition(5.0), 64, behaviour(True), CFG).status == "inconclusive"
