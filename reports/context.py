@@ -133,12 +133,14 @@ def default_title(claim: str, config: Mapping[str, Any]) -> str:
         "H1": (f"Refusal is carried by a localized circuit: at most {100 * c.get('h1_fraction', 0.05):.0f}% of "
                f"components carry {100 * c.get('h1_share', 0.8):.0f}% of the effect, and ablating them cuts "
                f"refusal by {100 * c.get('h1_drop', 0.6):.0f}%"),
-        "H2": "Refusal is computed in stages: harm is detected in earlier layers than refusal is decided",
-        "H3": "Harm categories share one refusal substrate (cross-category ablation transfers)",
+        "H2": "Hierarchical stages: detection early, accumulation in the middle, execution late",
+        "H3": "Shared substrate: the same components serve every harm category",
         "C1": (f"At least {c.get('min_heads', 10)} heads have a normalized causal effect above "
                f"{100 * c.get('head_effect', 0.1):.0f}%"),
         "C2": f"Ablating the circuit cuts the refusal rate by more than {100 * c.get('ablation_drop', 0.3):.0f}%",
-        "C3": "The findings are reproducible (seeded reruns and held-out prompts agree)",
+        "C3": "Reproducible: the same seed gives the same numbers, with full provenance",
+        "S1": (f"Gradient attribution agrees with patching (rank correlation r > "
+               f"{c.get('gradient_r', 0.7)})"),
     }
     return titles.get(claim, f"Stretch goal {claim}" if claim.startswith("S") else claim)
 
