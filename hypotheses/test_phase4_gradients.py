@@ -45,6 +45,10 @@ def test_gradient_attribution(subject, study, recorder, refusal_tokens, refusal_
     heads_exact = study.exact_heads.normalized.abs().reshape(-1).double().numpy()
     heads_flow = flow.mean.abs().reshape(-1).double().numpy()
     sal = gradients.neuron_saliency(subject, prompts, refusal_tokens, gradients.GradientSpec(batch_size=cfg.batch_size))
+    # Identity: z = A V is linear in the pattern, so sum dM/dA * A over (query, key) equals
+    # sum dM/dz * z: the attention-gradient flow and the head gradient x activation must agree.
+    scale = float(flow.scores.abs().max()) + 1e-12
+    torch.testing.assert_close(flow.scores, sal.head_grad_x_act, rtol=1e-3, atol=1e-3 * scale)
     neurons = [n for n in study.neurons.components if isinstance(n, Neuron)]
     sal_x = np.abs(np.array([float(sal.mean_neuron_grad_x_act[n.layer, n.index]) for n in neurons]))
     exact_n = np.abs(study.neurons.effect)
