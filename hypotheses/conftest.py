@@ -119,7 +119,10 @@ def study(subject, dataset, refusal_tokens, refusal_config, recorder, test_gener
     if cfg.judge == "generate":
         judged = (_judged(subject, test_generations.harmful, refusal_tokens, cfg.batch_size),
                   _judged(subject, test_generations.harmless, refusal_tokens, cfg.batch_size))
-    return Study(handle=subject, data=data, tokens=refusal_tokens, cfg=cfg, sweeper=sweeper, judged_test=judged)
+    study = Study(handle=subject, data=data, tokens=refusal_tokens, cfg=cfg, sweeper=sweeper, judged_test=judged)
+    yield study
+    # where the study's time went, stage by stage (exclusive of nested stages), slowest first
+    recorder.note(study_stage_seconds=dict(sorted(study.clock.seconds.items(), key=lambda kv: -kv[1])))
 
 
 _ORDER = {"phase1": 1, "phase2": 2, "phase3": 3, "phase4": 4, "phase5": 5, "h1": 6, "h2": 7, "h3": 8, "criteria": 9,

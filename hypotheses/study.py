@@ -15,7 +15,9 @@ val + test pairs that were never used to choose that category's heads (H3).
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Sequence
@@ -35,6 +37,34 @@ from instruments.components import Component, Direction, Head, Neuron, hook_name
 from instruments.direction import DirectionSpec, find_refusal_direction, layer_projections
 from instruments.metrics import RefusalTokens
 from instruments.patching import PatchResult
+
+
+@dataclass(eq=False)
+class StageClock:
+    """Seconds spent in each stage, exclusive of the stages it pulled in (where the time goes)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    timer: Callable[[], float] = time.perf_counter
+    _inner: list[float] = field(default_factory=list)  # time spent in nested stages, per open stage
+
+    def run(self, name: str, compute: Callable[[], Any]) -> Any:
+        self._inner.append(0.0)
+        start = self.timer()
+        try:
+            return compute()
+        finally:
+            total = self.timer() - start
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + total - self._inner.pop(), 3)
+            if self._inner:
+                self._inner[-1] += total
+
+
+def stage(fn: Callable[[Any], Any]) -> cached_property:
+    """A study stage: computed on first use, then cached, its compute time kept in ``study.clock``."""
+    @functools.wraps(fn)
+    def timed(self):
+        return self.clock.run(fn.__name__, lambda: fn(self))
+    return cached_property(timed)
 
 
 def balanced(pairs: Sequence[Pair], n: int) -> tuple[Pair, ...]:
@@ -86,6 +116,7 @@ class Study:
     cfg: RefusalConfig
     sweeper: Sweeper = field(default=_direct, repr=False)
     judged_test: tuple[ev.Judged, ev.Judged] | None = None  # (harmful, harmless) test judgements made already
+    clock: StageClock = field(default_factory=StageClock, repr=False)  # not part of the results
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -97,11 +128,11 @@ class Study:
         """How many heads H1 may use: the top h1_fraction of all heads (at least one)."""
         return max(1, math.floor(self.cfg.h1_fraction * self.n_heads_total))
 
-    @cached_property
+    @stage
     def train_pairs(self) -> tuple[Pair, ...]:
         return balanced(self.data.train, self.cfg.patch_pairs)
 
-    @cached_property
+    @stage
     def reference(self) -> ReferenceActivations:
         """Mean-ablation statistics over harmless TRAIN prompts (disjoint from every evaluated prompt),
         at every head's z and every MLP's neurons, taken once: each ablation reuses them."""
@@ -110,36 +141,36 @@ class Study:
         return reference_activations(self.handle, ev.harmless(self.data.train), names, batch_size=self.cfg.batch_size)
 
     # ------------------------------------------------------------------ stages
-    @cached_property
+    @stage
     def behaviour(self) -> ev.Behaviour:
         return ev.behaviour(self.handle, self.data.test, self.tokens, self.cfg, judged=self.judged_test)
 
-    @cached_property
+    @stage
     def exact_heads(self) -> PatchResult:
         def fn(layers):
             return ev.head_patching(self.handle, self.train_pairs, self.tokens, self.cfg, layers=layers)
         return self.sweeper(fn, range(self.handle.n_layers))
 
-    @cached_property
+    @stage
     def atp(self) -> ev.AtpScan:
         return ev.atp_scan(self.handle, self.train_pairs, self.tokens, self.cfg)
 
-    @cached_property
+    @stage
     def ranking(self) -> ev.Ranking:
         return ev.rank_heads(self.exact_heads, self.atp.heads, self.cfg)
 
-    @cached_property
+    @stage
     def neurons(self) -> ev.Ranking:
         """The AtP top neurons, verified exactly on half the train pairs (one patched forward per
         neuron and pair: the full set would cost as much as the head sweep)."""
         pairs = self.train_pairs[: max(2, len(self.train_pairs) // 2)]
         return ev.rank_neurons(self.handle, pairs, self.tokens, self.cfg, self.atp)
 
-    @cached_property
+    @stage
     def h1_joint(self) -> stats.Estimate:
         return ev.joint_patch(self.handle, self.data.test, self.tokens, self.cfg, self.ranking.top(self.k_h1))
 
-    @cached_property
+    @stage
     def harmless_reference(self) -> ev.HarmlessReference:
         """Clean next-token logits (and answer cross-entropy) on harmless test prompts, for side effects."""
         answers = self.judged_test[1].texts if self.judged_test else ()
@@ -151,24 +182,24 @@ class Study:
                                    components=components, baseline=self.behaviour.refused_harmful,
                                    reference=self.reference, harmless=self.harmless_reference, **kw)
 
-    @cached_property
+    @stage
     def h1_ablation(self) -> ev.Condition:
         return self.ablate(f"top {self.k_h1} heads (H1)", self.ranking.top(self.k_h1))
 
-    @cached_property
+    @stage
     def circuit(self) -> tuple[Component, ...]:
         return self.ranking.top(self.cfg.top_heads) + self.neurons.top(self.cfg.top_neurons)
 
-    @cached_property
+    @stage
     def circuit_ablation(self) -> ev.Condition:
         return self.ablate("heads + neurons", self.circuit)
 
-    @cached_property
+    @stage
     def attention_flow(self) -> gradients.AttentionFlow:
         spec = gradients.GradientSpec(batch_size=self.cfg.batch_size)
         return gradients.attention_gradient_flow(self.handle, ev.harmful(self.train_pairs), self.tokens, spec)
 
-    @cached_property
+    @stage
     def gradient_share(self) -> stats.Estimate:
         """Share of the heads' total |gradient x (harmful - harmless activation)| (AtP) in the top 5%.
 
@@ -179,18 +210,18 @@ class Study:
         scores = per.reshape(-1, per.shape[-1]).T.double().numpy()  # [prompt, head]
         return st.top_share(scores, self.k_h1, self.cfg)
 
-    @cached_property
+    @stage
     def gradient_vs_patching(self) -> stats.Estimate:
         """Spearman of the gradient attribution (AtP) with the exact patching effect over all heads."""
         grad = self.atp.heads.reshape(-1).double().numpy()
         exact = self.exact_heads.normalized.reshape(-1).double().numpy()
         return stats.spearman_ci(grad, exact, n_boot=self.cfg.n_bootstrap, seed=self.cfg.seed, alpha=self.cfg.alpha)
 
-    @cached_property
+    @stage
     def keyword_profile(self) -> st.LayerProfile:
         return st.layer_profile(st.keyword_attention(self.handle, self.data.test, self.cfg), self.cfg)
 
-    @cached_property
+    @stage
     def direction(self):
         """(candidates, selection): candidates from all train pairs, selection on up to 8 val pairs.
 
@@ -206,16 +237,16 @@ class Study:
                                       harmless_train=ev.harmless(self.data.train), harmful_val=ev.harmful(val),
                                       harmless_val=ev.harmless(val), tokens=self.tokens, spec=spec)
 
-    @cached_property
+    @stage
     def refusal_direction(self) -> Direction:
         return self.direction[1].direction
 
-    @cached_property
+    @stage
     def direction_ablation(self) -> ev.Condition:
         """Refusal on harmful test prompts with the direction projected out everywhere (bypass)."""
         return self.ablate("refusal direction", (self.refusal_direction,), method="zero")
 
-    @cached_property
+    @stage
     def direction_induction(self) -> ev.Judged:
         """Refusal on harmless test prompts with the direction (at its own length) added at its layer."""
         from instruments.direction import steering_hooks
@@ -225,18 +256,18 @@ class Study:
         hooks = steering_hooks(self.handle, vector, layer=sel.layer, coefficient=1.0)
         return ev.judge(self.handle, ev.harmless(self.data.test), self.tokens, self.cfg, hooks=hooks)
 
-    @cached_property
+    @stage
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Projection onto the refusal direction by layer: (harmful test [layer, prompt], harmless test)."""
         bs = self.cfg.batch_size
         return (layer_projections(self.handle, ev.harmful(self.data.test), self.refusal_direction, batch_size=bs),
                 layer_projections(self.handle, ev.harmless(self.data.test), self.refusal_direction, batch_size=bs))
 
-    @cached_property
+    @stage
     def accumulation(self) -> st.Accumulation:
         return st.accumulation(*self.projections, self.cfg)
 
-    @cached_property
+    @stage
     def block_patching(self) -> tuple[PatchResult, PatchResult]:
         """Attention and MLP outputs of every layer, patched one at a time (denoising, train pairs)."""
         from instruments.patching import patch_attn_out, patch_mlp_out
@@ -245,12 +276,12 @@ class Study:
                 ev.patch_spec(self.cfg))
         return patch_attn_out(*args), patch_mlp_out(*args)
 
-    @cached_property
+    @stage
     def depth(self) -> stats.Estimate:
         """Where the causal effects sit: attention *and* MLP outputs pooled per layer (execution may be either)."""
         return st.effect_depth(self.block_patching, self.cfg, n_layers=self.handle.n_layers)
 
-    @cached_property
+    @stage
     def cross_category(self) -> st.CrossCategory:
         find = {c: self.data.category(c, "train") for c in self.data.categories}
         evaluate = {c: self.data.category(c, "val", "test") for c in self.data.categories}
@@ -258,7 +289,7 @@ class Study:
         return st.cross_category(self.handle, find, {c: evaluate[c] for c in find}, self.tokens, self.cfg,
                                  reference=self.reference)
 
-    @cached_property
+    @stage
     def category_similarity(self) -> tuple[np.ndarray, stats.Estimate]:
         find = {c: self.data.category(c, "train") for c in self.cross_category.categories}
         diffs = st.category_directions(self.handle, find, layer=self.refusal_direction.layer,
@@ -305,7 +336,7 @@ class Study:
         return out + [d.no_behaviour("C1", "patching", b, self.cfg), d.no_behaviour("C2", "ablation", b, self.cfg),
                       d.no_behaviour("S1", "gradients", b, self.cfg)]
 
-    @cached_property
+    @stage
     def verdicts(self) -> tuple[Verdict, ...]:
         if not self.behaviour.present:
             return tuple(self.gated_verdicts())

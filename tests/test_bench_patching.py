@@ -23,12 +23,16 @@ documented subset ``(0, n_layers // 2, n_layers - 1)``, which keeps the identity
 over every head of those layers.
 
 Prefix skip. Our side starts each patched copy at the layer it patches, from the base
-run's cached residual (``PatchSpec.skip_prefix``, see instruments.patching); it is timed
-with the skip and without it (``skip_prefix=False``: the same arithmetic as TL's loop,
+run's cached residual (``PatchSpec.skip_prefix``, see instruments.patching, the default on
+the CPU only); it is timed with the skip and without it (``skip_prefix=False``: the same arithmetic as TL's loop,
 batched), and the three results must agree. ``*_layer_rows`` count prompt-rows times
 layers run (the two unpatched runs included): their ratio is the speedup the compute
 alone allows. A layer-0 copy skips nothing, so on the CPU subset (0, n/2, n-1) that ratio
 is about 1.8 for SmolLM2 (30 layers); for all layers about 1.9.
+
+Measured (8 pairs, SmolLM2-135M-Instruct fp32, identical results, max abs diff 0.0). CPU,
+2 cores, layers (0, 15, 29): 17.7 s ours vs 35.3 s TL, 2.0x. One H100, all 30 layers,
+max_batch 64: 3.60 s ours with the skip, 2.70 s without, 21.5 s TL: 5.98x and 7.95x.
 """
 
 from __future__ import annotations
@@ -135,7 +139,7 @@ def test_bench_exact_all_heads_vs_transformer_lens(benchmark, subject, pairs, me
     clean, corrupted = pairs
     layers = _layers(subject)
     # the suite's memory knob (--refusal-max-batch); on a GPU larger passes are faster
-    spec = P.PatchSpec(layers=layers, max_batch=refusal_config.max_batch, kl=False)
+    spec = P.PatchSpec(layers=layers, max_batch=refusal_config.max_batch, kl=False, skip_prefix=True)
     full_spec = P.PatchSpec(layers=layers, max_batch=refusal_config.max_batch, kl=False, skip_prefix=False)
     timings: dict[str, float] = {}
     # (the first call also runs the once-per-model check of the prefix skip: 1 prompt, ~2.5 forwards)
@@ -151,7 +155,8 @@ def test_bench_exact_all_heads_vs_transformer_lens(benchmark, subject, pairs, me
     tl_forwards = 2 + len(layers) * subject.n_heads
     benchmark.extra_info.update({
         "device": subject.device, "model": subject.alias, "layers": list(layers), "n_pairs": len(clean),
-        "n_heads": subject.n_heads, "max_batch": spec.max_batch, "torch_threads": torch.get_num_threads(),
+        "n_heads": subject.n_heads, "max_batch": spec.max_batch,
+        "default_skip_prefix": subject.device == "cpu",  # PatchSpec(skip_prefix=None) on this device "torch_threads": torch.get_num_threads(),
         "ours_s": timings["ours"], "ours_full_forward_s": timings["ours_full_forward"],
         "transformer_lens_s": timings["transformer_lens"],
         "speedup_vs_transformer_lens": timings["transformer_lens"] / timings["ours"],
