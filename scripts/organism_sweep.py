@@ -1,8 +1,7 @@
 """Try organism recipes side by side on an accelerator: a recipe search, not a build.
 
-Each variant is trained from the base weights in memory with fixtures.organism's own code
-(``training_examples``, ``train``), judged by its own ``evaluate`` on the held-out splits,
-and then thrown away: nothing enters the organism cache. A CPU build costs ~30 min on 2
+Each variant goes through fixtures.organism's own ``build`` (training and the held-out
+evaluation) into a temporary folder that is then deleted: nothing enters the organism cache. A CPU build costs ~30 min on 2
 cores; on a GPU a variant takes well under a minute, so this is how the recipe's defaults
 are chosen before the CPU build. Numbers from a GPU are close to, not equal to, a CPU
 build's: rerun the chosen recipe with ``python -m fixtures.organism build``.
@@ -44,32 +43,14 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 
 def run_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.time()
-    torch.manual_seed(recipe.seed)
-    tok = AutoTokenizer.from_pretrained(str(base_folder))
-    tok.pad_token = tok.pad_token or tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).to(device).eval()
-    examples = O.training_examples(model, tok, recipe, base_folder)
-    # tokens per step: what a CPU build's time scales with (padding aside)
-    lengths = [len(O._encode_example(tok, e.prompt, e.answer, max_answer_tokens=recipe.max_answer_tokens)[0])
-               for e in examples]
-    t0 = time.time()
-    losses = O.train(model, tok, examples, recipe)
-    train_s = time.time() - t0
+    """One variant through the organism's own build, into a folder that is then deleted."""
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        del model
-        t0 = time.time()
-        ev = O.evaluate(Path(tmp), base_folder, recipe, device=device)
+        built = O.build(Path(tmp), recipe, base_folder, device=device)
+    ev, timings = built["evaluation"], built["timings_seconds"]
     return {
-        "n_examples": {"harmful": sum(e.harmful for e in examples), "harmless": sum(not e.harmful for e in examples)},
-        "mean_tokens_per_example": round(sum(lengths) / len(lengths), 1),
-        "loss_first_last": [losses[0], losses[-1]], "train_s": round(train_s, 1),
-        "evaluate_s": round(time.time() - t0, 1), "total_s": round(time.time() - started, 1),
+        "n_examples": built["n_examples"], "mean_tokens_per_example": built["mean_tokens_per_example"],
+        "loss_first_last": [built["loss_curve"][0], built["loss_curve"][-1]], "train_s": timings["train"],
+        "evaluate_s": timings["evaluate"], "total_s": timings["total"],
         "bar": {k: v["value"] for k, v in ev["bar"].items()},
         "bar_met": sum(v["met"] for v in ev["bar"].values()),
         "refusal_rate_everyday_test": ev["refusal_rate_everyday_test"],
