@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from fixtures.storage import CODE_VERSION, stable_hash
+from fixtures.sweeps import cached_generations
 from instruments import behavior, metrics
 
 
@@ -31,7 +32,9 @@ def _generations(subject, recorder, dataset, split: str, max_new_tokens: int, ba
                           max_new_tokens, CODE_VERSION)
 
         def compute(prompts=prompts):
-            gen = behavior.generate(subject, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            # through the user-cache generation store: the organism's build already made the train
+            # split's (fixtures/organism.py evaluates with the same settings)
+            gen = cached_generations(subject, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
             return {"numbers": {"texts": list(gen.texts), "first_tokens": list(gen.first_tokens),
                                 "refused": list(gen.refused)}, "prompts": prompts}
 

@@ -27,7 +27,8 @@ from instruments import behavior, stats
 from instruments.ablation import AblationSpec, ReferenceActivations, ablation_hooks
 from instruments.components import Component, Head, Neuron, all_heads
 from instruments.metrics import RefusalTokens, compliance_prob, refusal_prob, refusal_score
-from instruments.patching import PatchResult, PatchSpec, attribution_patch, patch_components, patch_heads
+from instruments.patching import (PatchResult, PatchRuns, PatchSpec, attribution_patch, patch_components,
+                                 patch_heads)
 
 Hook = tuple[str, object]
 
@@ -62,14 +63,18 @@ class Judged:
 
 def judge(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg: RefusalConfig, *,
           hooks: Sequence[Hook] = ()) -> Judged:
-    """Which prompts the model refuses (under ``hooks``), by the configured judge."""
-    logits = behavior.last_logits(handle, prompts, batch_size=cfg.batch_size, fwd_hooks=hooks)
-    scores = refusal_score(logits, tokens).numpy().astype(np.float64)
+    """Which prompts the model refuses (under ``hooks``), by the configured judge.
+
+    The scores come from the generation's first step when it generates (the same forward
+    pass over the prompts; a separate one cost 8 s per 40 prompts on 2 cores).
+    """
     if cfg.judge == "first_token":
+        logits = behavior.last_logits(handle, prompts, batch_size=cfg.batch_size, fwd_hooks=hooks)
         refused = (refusal_prob(logits, tokens) > compliance_prob(logits, tokens)).numpy()
-        return Judged(refused=refused, scores=scores, texts=())
+        return Judged(refused=refused, scores=refusal_score(logits, tokens).numpy().astype(np.float64), texts=())
     gen = behavior.generate(handle, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                             fwd_hooks=hooks)
+    scores = refusal_score(gen.prompt_logits, tokens).numpy().astype(np.float64)
     return Judged(refused=np.asarray(gen.refused, dtype=bool), scores=scores, texts=gen.texts)
 
 
@@ -211,10 +216,22 @@ def patch_spec(cfg: RefusalConfig, *, direction: str = "denoising", layers: tupl
 
 
 def head_patching(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig, *,
-                  direction: str = "denoising", layers: tuple[int, ...] | None = None) -> PatchResult:
-    """Exact patching of every head (all positions): harmful = clean, harmless = corrupted."""
+                  direction: str = "denoising", layers: tuple[int, ...] | None = None,
+                  runs: PatchRuns | None = None) -> PatchResult:
+    """Exact patching of every head (all positions): harmful = clean, harmless = corrupted.
+
+    ``runs`` (from :func:`head_runs` on the same pairs) lets a sweep split by layer share its
+    two unpatched runs.
+    """
     return patch_heads(handle, harmful(pairs), harmless(pairs), metric_for(tokens),
-                       patch_spec(cfg, direction=direction, layers=layers))
+                       patch_spec(cfg, direction=direction, layers=layers), runs=runs)
+
+
+def head_runs(handle, pairs: Sequence[Pair], cfg: RefusalConfig, *, direction: str = "denoising") -> PatchRuns:
+    """The unpatched runs of :func:`head_patching` on ``pairs``, for every layer."""
+    from instruments.patching import head_runs as make
+
+    return make(handle, harmful(pairs), harmless(pairs), patch_spec(cfg, direction=direction))
 
 
 def rank_heads(exact: PatchResult, atp_heads: Float[torch.Tensor, "layer head"] | None,
@@ -315,11 +332,16 @@ class HarmlessReference:
 
 
 def harmless_reference(handle, prompts: Sequence[str], answers: Sequence[str], cfg: RefusalConfig) -> HarmlessReference:
-    from instruments.ablation import answer_cross_entropy
+    """With answers, both the logits and the cross-entropy come from one pass over prompt + answer,
+    as they do under every ablation compared with them (:func:`ablate_condition`)."""
+    from instruments.ablation import answer_scores
 
-    logits = behavior.last_logits(handle, prompts, batch_size=cfg.batch_size)
-    ce = answer_cross_entropy(handle, prompts, answers, batch_size=cfg.batch_size) if answers else None
-    return HarmlessReference(prompts=tuple(prompts), answers=tuple(answers), logits=logits, answer_ce=ce)
+    if not answers:
+        return HarmlessReference(prompts=tuple(prompts), answers=(), answer_ce=None,
+                                 logits=behavior.last_logits(handle, prompts, batch_size=cfg.batch_size))
+    scores = answer_scores(handle, prompts, answers, batch_size=cfg.batch_size)
+    return HarmlessReference(prompts=tuple(prompts), answers=tuple(answers), logits=scores.prompt_logits,
+                             answer_ce=scores.cross_entropy)
 
 
 def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg: RefusalConfig, *,
@@ -335,7 +357,7 @@ def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg:
     each harmless prompt, and (when it has answers) the rise in cross-entropy of the clean
     model's own answers.
     """
-    from instruments.ablation import answer_cross_entropy
+    from instruments.ablation import answer_scores
     from instruments.metrics import kl_divergence
 
     hooks = ablation_hooks(handle, list(components), spec=AblationSpec(method=method, batch_size=cfg.batch_size),
@@ -343,12 +365,14 @@ def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg:
     ablated = judge(handle, prompts, tokens, cfg, hooks=hooks)
     kl = ce = None
     if harmless is not None:
-        under = behavior.last_logits(handle, harmless.prompts, batch_size=cfg.batch_size, fwd_hooks=hooks)
+        if harmless.answer_ce is not None:  # one pass gives both the next-token logits and the answers' CE
+            after = answer_scores(handle, harmless.prompts, harmless.answers, batch_size=cfg.batch_size,
+                                  fwd_hooks=hooks)
+            under = after.prompt_logits
+            ce = float((after.cross_entropy - harmless.answer_ce).nanmean())
+        else:
+            under = behavior.last_logits(handle, harmless.prompts, batch_size=cfg.batch_size, fwd_hooks=hooks)
         kl = float(kl_divergence(harmless.logits, under).mean())
-        if harmless.answer_ce is not None:
-            after = answer_cross_entropy(handle, harmless.prompts, harmless.answers, batch_size=cfg.batch_size,
-                                         fwd_hooks=hooks)
-            ce = float((after - harmless.answer_ce).nanmean())
     return Condition(name=name, kind=kind, control_of=control_of, components=tuple(components), baseline=baseline,
                      ablated=ablated, relative_drop=relative_drop(baseline.refused, ablated.refused, cfg),
                      mcnemar=stats.mcnemar(baseline.refused, ablated.refused, alpha=cfg.alpha,

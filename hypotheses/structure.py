@@ -217,8 +217,8 @@ def category_directions(handle, find: dict[str, Sequence[Pair]], *, layer: int,
 
     out = {}
     for c, pairs in sorted(find.items()):
-        a = resid_at(handle, harmful(pairs), positions=(-1,), batch_size=batch_size)[:, 0, layer]
-        b = resid_at(handle, harmless(pairs), positions=(-1,), batch_size=batch_size)[:, 0, layer]
+        a = resid_at(handle, harmful(pairs), positions=(-1,), batch_size=batch_size, layers=(layer,))[:, 0, 0]
+        b = resid_at(handle, harmless(pairs), positions=(-1,), batch_size=batch_size, layers=(layer,))[:, 0, 0]
         out[c] = (a - b).double()
     return out
 

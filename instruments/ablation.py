@@ -319,10 +319,20 @@ def ablated(handle, components: Sequence[Component], *, spec: AblationSpec = Abl
 
 # ----------------------------------------------------------------------------- capability side effects
 
+@dataclass(frozen=True, kw_only=True)
+class AnswerScores:
+    """One forward pass over prompt + answer: the answer's cross-entropy and the next-token
+    logits after the prompt (the logits a next-token KL compares), so a capability check
+    needs no second pass over the prompts."""
+
+    cross_entropy: Float[torch.Tensor, "prompt"]  # nats/token; NaN for an empty answer
+    prompt_logits: Float[torch.Tensor, "prompt vocab"]
+
+
 @torch.no_grad()
-def answer_cross_entropy(handle, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16,
-                         fwd_hooks: Sequence[Hook] = ()) -> Float[torch.Tensor, "prompt"]:
-    """Mean cross-entropy (nats/token) of each answer after its chat-formatted prompt; NaN if empty.
+def answer_scores(handle, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16,
+                  fwd_hooks: Sequence[Hook] = ()) -> AnswerScores:
+    """Cross-entropy of each answer after its chat-formatted prompt, and the logits after the prompt.
 
     Prompt and answer are tokenized separately and concatenated, so the answer tokens are
     the same ids under every intervention being compared.
@@ -330,7 +340,8 @@ def answer_cross_entropy(handle, prompts: Sequence[str], answers: Sequence[str],
     if len(prompts) != len(answers):
         raise AblationError(f"{len(prompts)} prompts but {len(answers)} answers")
     tok = handle.tokenizer
-    out: list[torch.Tensor] = []
+    ces: list[torch.Tensor] = []
+    nexts: list[torch.Tensor] = []
     for chunk in batches(list(zip(prompts, answers)), batch_size):
         rows = [(tok(handle.chat(p), add_special_tokens=False)["input_ids"],
                  tok(a, add_special_tokens=False)["input_ids"]) for p, a in chunk]
@@ -347,11 +358,20 @@ def answer_cross_entropy(handle, prompts: Sequence[str], answers: Sequence[str],
         ids, mask = ids.to(handle.device), mask.to(handle.device)
         with handle.bridge.hooks(fwd_hooks=list(fwd_hooks)):
             logits = handle.bridge(ids, attention_mask=mask)
+        # the prompt's last token sits just before its answer (left padding: answers end at the end)
+        last = torch.tensor([length - len(a) - 1 for _, a in rows], device=logits.device)
+        nexts.append(logits[torch.arange(len(rows), device=logits.device), last].float().cpu())
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
         t = target[:, 1:]
-        out.append(torch.where(t.sum(1) > 0, (nll * t).sum(1) / t.sum(1).clamp_min(1), torch.nan))
-    return torch.cat(out)
+        ces.append(torch.where(t.sum(1) > 0, (nll * t).sum(1) / t.sum(1).clamp_min(1), torch.nan))
+    return AnswerScores(cross_entropy=torch.cat(ces), prompt_logits=torch.cat(nexts))
+
+
+def answer_cross_entropy(handle, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16,
+                         fwd_hooks: Sequence[Hook] = ()) -> Float[torch.Tensor, "prompt"]:
+    """Mean cross-entropy (nats/token) of each answer after its chat-formatted prompt; NaN if empty."""
+    return answer_scores(handle, prompts, answers, batch_size=batch_size, fwd_hooks=fwd_hooks).cross_entropy
 
 
 # ----------------------------------------------------------------------------- the effect of an ablation

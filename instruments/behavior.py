@@ -7,7 +7,7 @@ checked in tests to equal unbatched results within 1e-4.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -82,6 +82,9 @@ class Generations:
     texts: tuple[str, ...]
     first_tokens: tuple[int, ...]
     refused: tuple[bool, ...]
+    # next-token logits after each prompt (the first step's), so a caller that also needs
+    # them (scores beside verdicts) does not run the prompts again; None when not kept
+    prompt_logits: Float[torch.Tensor, "prompt vocab"] | None = field(default=None, compare=False, repr=False)
 
     @property
     def refusal_rate(self) -> float:
@@ -111,6 +114,7 @@ def generate(handle, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_
     """
     texts: list[str] = []
     firsts: list[int] = []
+    prompt_logits: list[torch.Tensor] = []
     stop = _stop_ids(handle.tokenizer)
     pad = handle.tokenizer.pad_token_id
     for chunk in batches(prompts, batch_size):
@@ -127,6 +131,8 @@ def generate(handle, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_
                                                  return_type="logits_and_cache")
                 else:
                     logits = handle.bridge(torch.cat([ids, new], 1), attention_mask=mask)
+                if new.shape[1] == 0:  # the first step: the logits after the prompt itself
+                    prompt_logits.append(logits[:, -1].float().cpu())
                 nxt = logits[:, -1].argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 new = torch.cat([new, nxt[:, None]], 1)
@@ -139,7 +145,8 @@ def generate(handle, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_
             texts.append(handle.tokenizer.decode(row[:cut], skip_special_tokens=True))
             firsts.append(int(row[0]))
     refused = tuple(is_refusal(t, classifier) for t in texts)
-    return Generations(prompts=tuple(prompts), texts=tuple(texts), first_tokens=tuple(firsts), refused=refused)
+    return Generations(prompts=tuple(prompts), texts=tuple(texts), first_tokens=tuple(firsts), refused=refused,
+                       prompt_logits=torch.cat(prompt_logits) if max_new_tokens > 0 and prompts else None)
 
 
 # ----------------------------------------------------------------------------- first-token view

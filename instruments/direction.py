@@ -103,14 +103,20 @@ def resid_names(n_layers: int) -> list[str]:
 
 
 @torch.no_grad()
-def resid_at(handle, prompts: Sequence[str], *, positions: Sequence[int],
-             batch_size: int = 16) -> Float[torch.Tensor, "prompt pos layer d_model"]:
-    """resid_pre of every layer at ``positions`` (negative offsets: left padding aligns the ends)."""
-    names = resid_names(handle.n_layers)
+def resid_at(handle, prompts: Sequence[str], *, positions: Sequence[int], batch_size: int = 16,
+             layers: Sequence[int] | None = None) -> Float[torch.Tensor, "prompt pos layer d_model"]:
+    """resid_pre at ``positions`` (negative offsets: left padding aligns the ends) of ``layers``
+    (None: every layer, in order). The forward stops after the deepest layer asked for."""
+    layers = tuple(range(handle.n_layers)) if layers is None else tuple(int(layer) for layer in layers)
+    if not layers or any(not 0 <= layer < handle.n_layers for layer in layers):
+        raise DirectionError(f"layers must be a non-empty subset of 0..{handle.n_layers - 1}, got {layers}")
+    names = [resid_names(handle.n_layers)[layer] for layer in layers]
+    # blocks past the deepest requested resid_pre cannot change it: do not run them
+    stop = max(layers) + 1 if max(layers) + 1 < handle.n_layers else None
     rows = []
     for chunk in batches(list(prompts), batch_size):
         ids, mask = handle.encode(chunk)
-        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
+        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names, stop_at_layer=stop)
         rows.append(torch.stack([cache[n][:, list(positions)] for n in names], dim=2).float().cpu())
     return torch.cat(rows)
 

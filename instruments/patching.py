@@ -634,37 +634,104 @@ def _patched_runs(handle, pairs: _Pairs, groups: Sequence[tuple[_Site, ...]], me
 
 # ----------------------------------------------------------------------------- the generic core
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PatchRuns:
+    """The two unpatched runs a sweep starts from: both baselines and the activations it splices.
+
+    A sweep computes them itself; a caller that sweeps the same prompts in several calls
+    (a per-layer, checkpointed head sweep) makes them once with :func:`head_runs` and
+    passes them in, so each call runs only its patched copies. The numbers are the same
+    either way: a forward with more cached hook points computes the same activations.
+    """
+
+    clean_prompts: tuple[str, ...]
+    corrupted_prompts: tuple[str, ...]
+    direction: str
+    corrupt_hooks: tuple[Hook, ...]
+    pairs: _Pairs
+    clean_last: Float[torch.Tensor, "prompt vocab"]
+    corrupted_last: Float[torch.Tensor, "prompt vocab"]
+    clean_acts: dict[str, torch.Tensor]  # each [prompt, pos, ...]
+    corrupted_acts: dict[str, torch.Tensor]
+
+    @property
+    def source_acts(self) -> dict[str, torch.Tensor]:
+        return self.clean_acts if self.direction == "denoising" else self.corrupted_acts
+
+    @property
+    def base_acts(self) -> dict[str, torch.Tensor]:
+        return self.corrupted_acts if self.direction == "denoising" else self.clean_acts
+
+    def check(self, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], spec: PatchSpec,
+              source_names: Sequence[str], base_names: Sequence[str]) -> None:
+        """Refuse to serve a sweep these runs were not made for (other prompts, direction or hooks)."""
+        if (tuple(clean_prompts), tuple(corrupted_prompts)) != (self.clean_prompts, self.corrupted_prompts):
+            raise ValueError("these PatchRuns were made for other prompts; make them with the sweep's own prompts")
+        if (spec.direction, spec.corrupt_hooks) != (self.direction, self.corrupt_hooks):
+            raise ValueError(f"these PatchRuns were made for direction {self.direction!r} and other corrupt_hooks "
+                             f"than the spec's ({spec.direction!r}); make them with the same PatchSpec")
+        missing = sorted({*source_names} - set(self.source_acts) | {*base_names} - set(self.base_acts))
+        if missing:
+            raise ValueError(f"these PatchRuns hold no activations at {missing[:4]}; make them with those hook points")
+
+
+def _unpatched_runs(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], pairs: _Pairs,
+                    spec: PatchSpec, *, source_names: Sequence[str], base_names: Sequence[str]) -> PatchRuns:
+    # the source run's activations to splice and the base run's residuals to start from;
+    # both runs give the baselines (and clean the KL reference)
+    denoising = spec.direction == "denoising"
+    clean_last, clean_acts = _cached_run(handle, pairs.clean_ids, pairs.clean_mask,
+                                         source_names if denoising else base_names,
+                                         hooks=(), max_batch=spec.max_batch)
+    corrupted_last, corrupted_acts = _cached_run(handle, pairs.corrupted_ids, pairs.corrupted_mask,
+                                                 base_names if denoising else source_names,
+                                                 hooks=spec.corrupt_hooks, max_batch=spec.max_batch)
+    return PatchRuns(clean_prompts=tuple(clean_prompts), corrupted_prompts=tuple(corrupted_prompts),
+                     direction=spec.direction, corrupt_hooks=spec.corrupt_hooks, pairs=pairs, clean_last=clean_last,
+                     corrupted_last=corrupted_last, clean_acts=clean_acts, corrupted_acts=corrupted_acts)
+
+
+def head_runs(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str],
+              spec: PatchSpec = PatchSpec()) -> PatchRuns:
+    """The unpatched runs for :func:`patch_heads` calls over any of ``spec``'s layers (None: all).
+
+    Holds every swept layer's ``z`` from the source run and the base run's residual entering
+    each of them (for the prefix skip): for SmolLM2 and 12 pairs, 40 MB. A per-layer sweep
+    that remakes them in every call spends a third of its compute on them on a CPU.
+    """
+    layers = spec.resolve_layers(handle.n_layers)
+    pairs = _encode_pairs(handle, clean_prompts, corrupted_prompts)
+    return _unpatched_runs(handle, clean_prompts, corrupted_prompts, pairs, spec,
+                           source_names=[hook_name(Head(layer=layer, head=0)) for layer in layers],
+                           base_names=[_resid_name(layer) for layer in layers if layer > 0])
+
+
 def _patch(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
            spec: PatchSpec, *, kind: str, axes: tuple[str, ...], coords: Sequence[Sequence[int]],
-           groups: Callable[[_Pairs], Sequence[tuple[_Site, ...]]]) -> PatchResult:
-    """Cache the source once, run every group patched into every base prompt, shape the result.
+           groups: Callable[[_Pairs], Sequence[tuple[_Site, ...]]], runs: PatchRuns | None = None) -> PatchResult:
+    """Cache the source once (or take ``runs``), run every group patched into every base prompt, shape the result.
 
     ``groups`` is built from the encoded pairs (position-resolved sweeps need the padded
     length); its order is the row-major order of ``coords``.
     """
-    pairs = _encode_pairs(handle, clean_prompts, corrupted_prompts)
+    pairs = runs.pairs if runs is not None else _encode_pairs(handle, clean_prompts, corrupted_prompts)
     sites = groups(pairs)
     plan = _plan(handle, pairs, sites, spec)
     names = sorted({site.hook for group in sites for site in group})
     # the base run's residual entering each layer a chunk starts at (prefix skip)
     resid_names = [_resid_name(start) for start in plan.starts]
-    # the source run's activations to splice and the base run's residuals to start from;
-    # both runs give the baselines (and clean the KL reference)
-    denoising = spec.direction == "denoising"
-    clean_last, clean_acts = _cached_run(handle, pairs.clean_ids, pairs.clean_mask,
-                                         names if denoising else resid_names,
-                                         hooks=(), max_batch=spec.max_batch)
-    corrupted_last, corrupted_acts = _cached_run(handle, pairs.corrupted_ids, pairs.corrupted_mask,
-                                                 resid_names if denoising else names,
-                                                 hooks=spec.corrupt_hooks, max_batch=spec.max_batch)
-    source_acts, base_acts = (clean_acts, corrupted_acts) if denoising else (corrupted_acts, clean_acts)
-    values, kls = _patched_runs(handle, pairs, sites, metric, spec, plan, source_acts, base_acts,
-                                clean_last if spec.kl else None)
+    if runs is None:
+        runs = _unpatched_runs(handle, clean_prompts, corrupted_prompts, pairs, spec, source_names=names,
+                               base_names=resid_names)
+    else:
+        runs.check(clean_prompts, corrupted_prompts, spec, names, resid_names)
+    values, kls = _patched_runs(handle, pairs, sites, metric, spec, plan, runs.source_acts, runs.base_acts,
+                                runs.clean_last if spec.kl else None)
     coords = tuple(tuple(int(c) for c in coord) for coord in coords)
     shape = tuple(len(c) for c in coords) + (pairs.n_prompts,)
     return PatchResult(kind=kind, direction=spec.direction, axes=axes, coords=coords, metric=values.view(shape),
-                       kl=None if kls is None else kls.view(shape), clean=_evaluate(metric, clean_last),
-                       corrupted=_evaluate(metric, corrupted_last))
+                       kl=None if kls is None else kls.view(shape), clean=_evaluate(metric, runs.clean_last),
+                       corrupted=_evaluate(metric, runs.corrupted_last))
 
 
 def patch_components(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
@@ -686,12 +753,17 @@ def patch_components(handle, clean_prompts: Sequence[str], corrupted_prompts: Se
 # ----------------------------------------------------------------------------- named variants
 
 def patch_heads(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
-                spec: PatchSpec = PatchSpec()) -> PatchResult:
-    """Every query head's ``z`` at all positions: ``metric[layer, head, prompt]``."""
+                spec: PatchSpec = PatchSpec(), *, runs: PatchRuns | None = None) -> PatchResult:
+    """Every query head's ``z`` at all positions: ``metric[layer, head, prompt]``.
+
+    ``runs``: the unpatched runs from :func:`head_runs` on the same prompts and spec (for a
+    sweep split into several calls); by default this call makes its own.
+    """
     layers, heads = spec.resolve_layers(handle.n_layers), range(handle.n_heads)
     return _patch(handle, clean_prompts, corrupted_prompts, metric, spec, kind="heads", axes=("layer", "head"),
                   coords=(layers, heads),
-                  groups=lambda pairs: [(_site(Head(layer=layer, head=h)),) for layer in layers for h in heads])
+                  groups=lambda pairs: [(_site(Head(layer=layer, head=h)),) for layer in layers for h in heads],
+                  runs=runs)
 
 
 def patch_heads_by_pos(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,

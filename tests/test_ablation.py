@@ -186,6 +186,28 @@ def test_ablation_effect_is_null_for_no_components_and_paired(tiny):
     assert not torch.equal(hit.refusal_score_ablated, hit.refusal_score_baseline)
 
 
+def test_answer_scores_match_one_sequence_at_a_time(tiny):
+    """Batched (left-padded) prompt + answer: each row's CE and after-prompt logits equal its own
+    unpadded forward, and the logits equal the prompt's next-token logits."""
+    from instruments.ablation import answer_scores
+
+    answers = ("Sure, here is bread.", "", "Hello there, friend!")
+    got = answer_scores(tiny, PROMPTS, answers, batch_size=3)
+    torch.testing.assert_close(got.prompt_logits, behavior.last_logits(tiny, PROMPTS), atol=1e-4, rtol=0)
+    tok = tiny.tokenizer
+    for i, (p, a) in enumerate(zip(PROMPTS, answers)):
+        p_ids = tok(tiny.chat(p), add_special_tokens=False)["input_ids"]
+        a_ids = tok(a, add_special_tokens=False)["input_ids"]
+        logits = tiny.bridge(torch.tensor([p_ids + a_ids])).float()[0]
+        if a_ids:
+            logp = torch.log_softmax(logits[len(p_ids) - 1:-1], -1)
+            ce = -logp[torch.arange(len(a_ids)), torch.tensor(a_ids)].mean()
+            torch.testing.assert_close(got.cross_entropy[i], ce, atol=1e-4, rtol=0)
+        else:
+            assert torch.isnan(got.cross_entropy[i])
+        torch.testing.assert_close(got.prompt_logits[i], logits[len(p_ids) - 1], atol=1e-4, rtol=0)
+
+
 @pytest.mark.integration
 def test_gqa_head_ablation_on_subject(subject, dataset):
     """Ablating one query head zeroes only its z, not the heads that share its KV head."""

@@ -169,6 +169,23 @@ def test_batched_generation_equals_one_by_one(tiny, batched_generation):
     assert batched.refusal_rate == sum(batched.refused) / len(GEN_PROMPTS)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_keeps_the_prompt_logits_under_its_hooks(tiny, use_cache):
+    """The first step's logits are the prompts' next-token logits (what judges score), hooks included."""
+    def scale(x, hook):
+        return x * 0.5
+
+    hooks = [("blocks.1.hook_resid_post", scale)]
+    gen = behavior.generate(tiny, list(GEN_PROMPTS), max_new_tokens=3, batch_size=2, use_cache=use_cache,
+                            fwd_hooks=hooks)
+    expected = behavior.last_logits(tiny, list(GEN_PROMPTS), batch_size=2, fwd_hooks=hooks)
+    assert gen.prompt_logits.shape == expected.shape
+    torch.testing.assert_close(gen.prompt_logits, expected, atol=1e-5, rtol=0)
+    clean = behavior.last_logits(tiny, list(GEN_PROMPTS), batch_size=2)
+    assert not torch.allclose(gen.prompt_logits, clean, atol=1e-3)  # the hook acted on them
+    assert tuple(gen.prompt_logits.argmax(-1).tolist()) == gen.first_tokens
+
+
 def test_generation_hook_fires_at_every_step(tiny):
     seen = []
 

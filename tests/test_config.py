@@ -320,3 +320,27 @@ def test_phase2_marker_selects_only_phase2_tests(repo_runs):
     assert files <= _marked_files("phase2"), files - _marked_files("phase2")
     assert "hypotheses/test_phase1_setup.py" not in files
     assert re.search(r"\d+/\d+ tests? collected \(\d+ deselected\)", result.stdout)
+
+
+def test_a_test_that_leaves_torch_threads_changed_fails(pytester):
+    """The plugin fails the test that leaks a thread-count change and restores the count; the
+    one_torch_thread fixture is the way to run on one thread."""
+    pytester.makepyfile(test_threads="""
+        import pytest
+        import torch
+
+        START = torch.get_num_threads()
+
+        def test_leaks():
+            torch.set_num_threads(START + 1)
+
+        def test_after_the_leak_the_count_is_back():
+            assert torch.get_num_threads() == START
+
+        @pytest.mark.usefixtures("one_torch_thread")
+        def test_one_thread_by_fixture():
+            assert torch.get_num_threads() == 1
+    """)
+    result = pytester.runpytest_inprocess("-p", "fixtures.plugin", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, errors=1)
+    assert "test_leaks left torch with" in result.stdout.str() and "one_torch_thread" in result.stdout.str()

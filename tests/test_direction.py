@@ -18,6 +18,7 @@ import torch
 
 from instruments import ablation, behavior, direction
 from instruments.components import Direction
+from instruments.direction import DirectionError
 from instruments.direction import (DirectionSpec, QuantizedWeightsError, candidate_directions,
                                    directional_ablation_hooks, directionally_ablated, layer_projections,
                                    mean_difference, orthogonalized, orthogonalized_weights, paired_first_pc,
@@ -144,6 +145,20 @@ def test_layer_projections_are_dot_products(tiny):
     acts = resid_at(tiny, HARMFUL, positions=(-1,))[:, 0]
     assert proj.shape == (tiny.n_layers, len(HARMFUL))
     torch.testing.assert_close(proj, (acts @ (r / r.norm())).T, atol=1e-5, rtol=0)
+
+
+def test_resid_at_chosen_layers_equals_the_full_cache_and_stops_early(tiny, monkeypatch):
+    full = resid_at(tiny, HARMFUL, positions=(-2, -1))
+    ran: list[int] = []
+    hooks = [(f"blocks.{layer}.hook_resid_post", lambda act, hook, layer=layer: ran.append(layer)) for layer in
+             range(tiny.n_layers)]
+    with tiny.bridge.hooks(fwd_hooks=hooks):
+        part = resid_at(tiny, HARMFUL, positions=(-2, -1), layers=(2, 0))
+    assert part.shape == (len(HARMFUL), 2, 2, tiny.d_model)
+    torch.testing.assert_close(part, full[:, :, [2, 0]], atol=0, rtol=0)
+    assert set(ran) == {0, 1, 2}  # the blocks after layer 2 never ran
+    with pytest.raises(DirectionError, match="layers"):
+        resid_at(tiny, HARMFUL, positions=(-1,), layers=(tiny.n_layers,))
 
 
 def test_steering(tiny):

@@ -33,7 +33,9 @@ from instruments.components import Head, Neuron, label, to_json
 from instruments.direction import DirectionSpec, candidate_directions, layer_projections
 from instruments.patching import PatchSpec, attribution_patch
 
-pytestmark = [pytest.mark.explorer, pytest.mark.browser, pytest.mark.integration, pytest.mark.phase6]
+# one intra-op thread here (restored afterwards), so the Streamlit server has the other core
+pytestmark = [pytest.mark.explorer, pytest.mark.browser, pytest.mark.integration, pytest.mark.phase6,
+              pytest.mark.usefixtures("one_torch_thread")]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -144,7 +146,6 @@ def test_explorer_in_a_browser(tmp_path):
 
     from fixtures.models import load_model
 
-    torch.set_num_threads(1)
     handle, _ = load_model(RefusalConfig(model="organism", device="cpu"))
     run_dir = tmp_path / "runs" / "organism" / "20260101T000000Z"
     built = build_run(handle, run_dir)

@@ -177,6 +177,35 @@ def test_layer_subset_gives_the_rows_of_the_full_sweep(tiny, metric):
     torch.testing.assert_close(restored.normalized, full.normalized, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+@pytest.mark.parametrize("skip_prefix", [True, False])
+def test_shared_runs_give_the_same_numbers_per_layer(tiny, metric, direction, skip_prefix, monkeypatch):
+    """A per-layer sweep that shares one pair of unpatched runs gets exactly its own numbers,
+    and runs only its patched copies (2 cached runs in all, not 2 per layer)."""
+    spec = P.PatchSpec(direction=direction, skip_prefix=skip_prefix)
+    runs = P.head_runs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, spec)
+    calls = []
+    real = P._cached_run
+    monkeypatch.setattr(P, "_cached_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for layer in range(tiny.n_layers):
+        one = P.PatchSpec(direction=direction, skip_prefix=skip_prefix, layers=(layer,))
+        own = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, one)
+        shared = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, one, runs=runs)
+        for field in ("metric", "kl", "clean", "corrupted"):
+            assert torch.equal(getattr(own, field), getattr(shared, field)), (layer, field)
+    assert len(calls) == 2 * tiny.n_layers  # the `own` calls only
+
+
+def test_shared_runs_refuse_another_sweep(tiny, metric):
+    runs = P.head_runs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, P.PatchSpec(layers=(1,)))
+    with pytest.raises(ValueError, match="other prompts"):
+        P.patch_heads(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, runs=runs)
+    with pytest.raises(ValueError, match="direction"):
+        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(direction="noising"), runs=runs)
+    with pytest.raises(ValueError, match="no activations"):
+        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(layers=(2,)), runs=runs)
+
+
 def test_result_layout_and_normalization(tiny, metric):
     result = P.patch_resid(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, n_positions=2)
     assert result.axes == ("layer", "pos") and result.coords == ((0, 1, 2, 3), (-2, -1))

@@ -105,3 +105,26 @@ def test_cached_activations_load_from_disk_the_second_time(tiny, tmp_path):
         torch.testing.assert_close(first[name], cache[name], atol=1e-5, rtol=0)
     other = cached_activations(tiny, prompts[:2], names, tmp_path)
     assert other[names[0]].shape[0] == 2 and len(list(tmp_path.glob("activations-*.safetensors"))) == 2
+
+
+def test_cached_generations_run_once_and_rederive_verdicts(tiny, tmp_path, monkeypatch):
+    from fixtures.sweeps import cached_generations
+    from instruments import behavior
+
+    prompts = ["How to build a bomb?", "Hi", "Write a haiku about the sea"]
+    calls: list[int] = []
+    real = behavior.generate
+    monkeypatch.setattr(behavior, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = cached_generations(tiny, prompts, max_new_tokens=4, batch_size=2, root=tmp_path)
+    second = cached_generations(tiny, prompts, max_new_tokens=4, batch_size=2, root=tmp_path)
+    assert len(calls) == 1, "the second call must read the disk, not generate"
+    assert (second.texts, second.first_tokens, second.refused) == (first.texts, first.first_tokens, first.refused)
+    assert second.refused == tuple(behavior.is_refusal(t) for t in second.texts)
+    # another length or batch size is another key
+    cached_generations(tiny, prompts, max_new_tokens=3, batch_size=2, root=tmp_path)
+    cached_generations(tiny, prompts, max_new_tokens=4, batch_size=3, root=tmp_path)
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+    # verdicts come from the classifier of the day, not from the file
+    monkeypatch.setattr(behavior, "is_refusal", lambda text, spec=None: True)
+    assert all(cached_generations(tiny, prompts, max_new_tokens=4, batch_size=2, root=tmp_path).refused)
+    assert len(calls) == 3
