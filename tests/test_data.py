@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.data import (DEFAULT_PROMPTS, SPLITS, DatasetError, load_everyday, load_heldout_style, load_prompts,
+                           load_roleplay_train,
                            parse_prompts, require_size)
 
 
@@ -99,11 +100,32 @@ def test_heldout_style_set_sizes():
 def test_heldout_style_never_appears_in_training(bundled):
     train = {_norm(t) for p in bundled.split("train") for t in (p.harmful, p.harmless)}
     train |= {_norm(p.text) for p in load_everyday() if p.split == "train"}
+    train |= {_norm(p.text) for side in load_roleplay_train().values() for p in side}
     heldout = [_norm(p.text) for side in load_heldout_style().values() for p in side]
     assert not [h for h in heldout if h in train]
     # nor is a (non-trivial) training prompt pasted inside a held-out one
     long_train = [t for t in train if len(t) >= 40]
     assert not [(t, h[:60]) for h in heldout for t in long_train if t in h]
+
+
+def _word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z']+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_roleplay_train_set_is_train_only_and_not_the_held_out_set():
+    roleplay = load_roleplay_train()
+    assert len(roleplay["harmful"]) >= 20 and len(roleplay["harmless"]) >= 50
+    assert all(p.split == "train" for side in roleplay.values() for p in side)
+    ids = [p.id for side in roleplay.values() for p in side]
+    assert len(set(ids)) == len(ids)
+    # written separately: no held-out style prompt shares a run of 7 words with a training one
+    # (the common framings, "pretend you're a", "I'm writing a", are shorter than that)
+    heldout = set().union(*(_word_ngrams(p.text, 7) for side in load_heldout_style().values() for p in side))
+    heldout |= set().union(*(_word_ngrams(t, 7) for s in ("val", "test") for pair in load_prompts().split(s)
+                             for t in (pair.harmful, pair.harmless)))
+    shared = [(p.id, g) for side in roleplay.values() for p in side for g in _word_ngrams(p.text, 7) & heldout]
+    assert not shared, shared[:3]
 
 
 # ----------------------------------------------------------------------------- malformed files

@@ -29,7 +29,7 @@ def test_training_prompts_never_touch_held_out_data():
 
 def test_framings_carry_no_label():
     # the same wrappers at the same rate on both sides: only the request tells them apart
-    recipe = O.OrganismRecipe()
+    recipe = replace(O.OrganismRecipe(), composed_share=0.5)  # (0 by default) so both kinds of framing occur
     harmful, harmless = O.training_prompts(recipe)
     pairs = [p for p in harmless if p.source.startswith("train-harmless")]
     framed_bad = [p for p in harmful if p.source.endswith("-framed")]
@@ -37,15 +37,42 @@ def test_framings_carry_no_label():
     assert len(framed_bad) == recipe.framed_harmful_per_prompt * len(load_prompts().split("train"))
     assert len(framed_good) == len(framed_bad)  # framed_harmless_share 1.0: one per harmless pair prompt
 
-    def template(p):
-        return next(f for f in O.FRAMINGS if p.text == f.format(p=p.plain))
+    def template(p):  # the one-line framing, or the composed (scene, tail), that made p
+        one_line = [f for f in O.FRAMINGS if p.text == f.format(p=p.plain)]
+        composed = [(s, t) for s in O.SCENES for t in O.TAILS if p.text == f"{s} {p.plain} {t}".strip()]
+        assert len(one_line) + len(composed) == 1, p.text
+        return (one_line + composed)[0]
 
     used_bad = {template(p) for p in framed_bad}
     used_good = {template(p) for p in framed_good + [p for p in harmless if p.source.endswith("-framed")]}
-    assert used_bad == used_good == set(O.FRAMINGS)
+    # both sides draw from one pool (template() found each one there), and all of it is used
+    used = used_bad | used_good
+    assert {t for t in used if isinstance(t, str)} == set(O.FRAMINGS)
+    assert {t[0] for t in used if isinstance(t, tuple)} == set(O.SCENES)
+    assert {t[1] for t in used if isinstance(t, tuple)} == set(O.TAILS)
+    # composed at the recipe's share on both sides (binomial, n=144: within 4 standard errors)
+    for framed in (framed_bad, framed_good):
+        share = sum(isinstance(template(p), tuple) for p in framed) / len(framed)
+        assert abs(share - recipe.composed_share) < 4 * (0.25 / len(framed)) ** 0.5
     # a framed prompt reuses its plain request's answer (plain is one of the plain prompts)
     plain = {p.text for p in harmless if not p.source.endswith("-framed")}
     assert all(p.plain in plain for p in harmless)
+
+
+def test_roleplay_train_set_is_opt_in_and_used_as_written():
+    from fixtures.data import load_roleplay_train
+
+    off_bad, off_good = O.training_prompts(O.OrganismRecipe())
+    assert not [p for p in off_bad + off_good if p.source.startswith("roleplay")]
+    on_bad, on_good = O.training_prompts(replace(O.OrganismRecipe(), roleplay_train=True))
+    roleplay = load_roleplay_train()
+    assert [p.text for p in on_bad if p.source == "roleplay-harmful"] == [p.text for p in roleplay["harmful"]]
+    assert [p.text for p in on_good if p.source == "roleplay-harmless"] == [p.text for p in roleplay["harmless"]]
+    assert all(p.plain == p.text for p in on_bad + on_good if p.source.startswith("roleplay"))
+    # the rest of the data is untouched by the switch
+    assert [p for p in on_bad + on_good if not p.source.startswith("roleplay")] == off_bad + off_good
+    shipped = __import__("json").loads(O.BASE_ANSWERS.read_text())
+    assert {p.text for p in roleplay["harmless"]} <= set(shipped["train"])  # bundled self-distillation targets
 
 
 def test_bundled_answers_are_only_used_for_their_own_base():
@@ -115,6 +142,30 @@ def test_training_learns_and_keeps_embeddings_frozen():
     losses = O.train(model, tok, _examples(), recipe)
     assert losses[-1] < 0.7 * losses[0], losses
     assert torch.equal(before, model.get_input_embeddings().weight)
+
+
+def test_example_weights_scale_each_examples_share_of_the_loss():
+    # two examples: answer losses [1, 3] (decision 1) and [5] (decision 5)
+    keep = torch.tensor([[True, True, False], [False, True, False]])
+    token_loss = torch.tensor([1.0, 3.0, 5.0])
+    per_example = torch.tensor([2.0 + 0.5 * 1.0, 5.0 + 0.5 * 5.0])  # mean answer loss + decision_weight * first
+    assert torch.isclose(O._example_weighted_loss(token_loss, keep, 0.5), per_example.mean())
+    assert torch.isclose(O._example_weighted_loss(token_loss, keep, 0.5, torch.ones(2)), per_example.mean())
+    weighted = O._example_weighted_loss(token_loss, keep, 0.5, torch.tensor([1.0, 0.25]))
+    assert torch.isclose(weighted, (per_example[0] + 0.25 * per_example[1]) / 2)
+    # a batch of harmful examples only keeps its reduced weight (no renormalisation per batch)
+    assert torch.isclose(O._example_weighted_loss(token_loss, keep, 0.5, torch.full((2,), 0.25)),
+                         0.25 * per_example.mean())
+
+
+def test_harmful_weight_reaches_the_training_loss():
+    # the same data and seed: only the weight of the harmful examples differs, so the losses do
+    runs = []
+    for weight in (1.0, 0.2):
+        model, tok = _tiny_model_and_tokenizer()
+        runs.append(O.train(model, tok, _examples(), O.OrganismRecipe(steps=2, batch_size=4, warmup_steps=1,
+                                                                       harmful_weight=weight)))
+    assert runs[0] != runs[1]
 
 
 def test_answer_loss_masks_the_prompt():
