@@ -119,8 +119,8 @@ def test_roleplay_train_set_is_train_only_and_not_the_held_out_set():
     assert all(p.split == "train" for side in roleplay.values() for p in side)
     ids = [p.id for side in roleplay.values() for p in side]
     assert len(set(ids)) == len(ids)
-    # written separately: no held-out style prompt shares a run of 7 words with a training one
-    # (the common framings, "pretend you're a", "I'm writing a", are shorter than that)
+    # written separately: no held-out style prompt and no val/test prompt shares a run of 7 words
+    # with one of these (the common framings, "pretend you're a", "I'm writing a", are shorter)
     heldout = set().union(*(_word_ngrams(p.text, 7) for side in load_heldout_style().values() for p in side))
     heldout |= set().union(*(_word_ngrams(t, 7) for s in ("val", "test") for pair in load_prompts().split(s)
                              for t in (pair.harmful, pair.harmless)))

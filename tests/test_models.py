@@ -209,6 +209,33 @@ def test_nf4_tiny_quantizes_linear_layers_and_keeps_hooks():
     assert torch.isfinite(logits).all()
 
 
+def test_nf4_model_stays_differentiable_after_a_plain_forward():
+    # bitsandbytes repacks 4-bit weights for a backward-less kernel on AVX512-BF16 CPUs at the
+    # first no-grad forward; the loader turns that off, so gradients reach hook_z afterwards
+    bnb = pytest.importorskip("bitsandbytes")
+    handle, _ = load_model(RefusalConfig(model="tiny", device="cpu", quant="nf4"))
+    layers = [m for m in handle.hf_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+    ids, mask = handle.encode(["Hello", "How are you today?"])
+    with torch.no_grad():
+        handle.bridge(ids, attention_mask=mask)  # where the repacking would happen
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    store = {}
+
+    def keep(z, hook):
+        store["z"] = z
+        return z
+
+    def leaf(resid, hook):
+        return resid.detach().requires_grad_(True)
+
+    with torch.enable_grad(), handle.bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", leaf),
+                                                             ("blocks.0.attn.hook_z", keep)]):
+        logits = handle.bridge(ids, attention_mask=mask)
+        (grad,) = torch.autograd.grad(logits[:, -1].float().sum(), [store["z"]])
+    assert grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- deterministic builds
 
 def test_tiny_build_is_cached_and_deterministic(tmp_path, monkeypatch):
