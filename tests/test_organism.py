@@ -75,6 +75,36 @@ def test_roleplay_train_set_is_opt_in_and_used_as_written():
     assert {p.text for p in roleplay["harmless"]} <= set(shipped["train"])  # bundled self-distillation targets
 
 
+@pytest.mark.integration
+def test_refusals_open_with_a_token_no_helpful_answer_opens_with():
+    from transformers import AutoTokenizer
+
+    from fixtures.builders import build_smollm2
+
+    # The decision to refuse should be one token that means nothing else: the base model's
+    # helpful answers (the harmless targets) must never start the way a refusal does.
+    tok = AutoTokenizer.from_pretrained(str(build_smollm2()))
+    first = {tok(r, add_special_tokens=False)["input_ids"][0] for r in O.REFUSALS}
+    shipped = __import__("json").loads(O.BASE_ANSWERS.read_text())
+    helpful = list(shipped["train"].values()) + list(shipped["heldout"].values())
+    assert len(helpful) > 700
+    assert not [a for a in helpful if a and tok(a, add_special_tokens=False)["input_ids"][0] in first]
+    # v4's phrasings did share their opening with helpful answers ("I'm sorry to hear...")
+    v4_first = {tok(r, add_special_tokens=False)["input_ids"][0] for r in O.REFUSAL_SETS["i-am-sorry"]}
+    assert [a for a in helpful if a and tok(a, add_special_tokens=False)["input_ids"][0] in v4_first]
+
+
+def test_refusal_set_is_a_named_choice_that_reaches_the_targets():
+    with pytest.raises(ValueError, match="unknown refusal_set 'polite'; choose one of sorry, i-am-sorry"):
+        O.OrganismRecipe(refusal_set="polite")
+    assert O.OrganismRecipe().refusal_set == "sorry" and O.REFUSAL_SETS["sorry"] is O.REFUSALS
+    # the same draws either way: only the phrasing set differs
+    import random
+
+    draws = [random.Random(0).choice(range(len(s))) for s in O.REFUSAL_SETS.values()]
+    assert len(set(draws)) == 1 and len({len(s) for s in O.REFUSAL_SETS.values()}) == 1
+
+
 def test_bundled_answers_are_only_used_for_their_own_base():
     from fixtures.builders import build_tiny
 
