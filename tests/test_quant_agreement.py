@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from fixtures.models import load_model
+from instruments import behavior
 from instruments import patching as P
-from instruments.metrics import fallback_tokens, refusal_score
+from instruments.metrics import discover_tokens, refusal_score
 from instruments.stats import spearman_ci
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -26,10 +27,19 @@ N_PAIRS, TOP_K = 8, 10
 def test_nf4_and_full_precision_agree_on_top_heads(refusal_config, dataset, recorder):
     pairs = dataset.split("train")[:N_PAIRS]
     clean, corrupted = [p.harmful for p in pairs], [p.harmless for p in pairs]
-    scores, tops = {}, {}
+    scores, tops, tokens = {}, {}, None
     for quant in ("none", "nf4"):
         handle, _ = load_model(replace(refusal_config, quant=quant, device="cpu", dtype="float32"))
-        metric = partial(refusal_score, tokens=fallback_tokens(handle.tokenizer))
+        if tokens is None:
+            # the model's own openings, found as the phases find them (at full precision) and
+            # then held fixed: a fixed list would assume its refusals open with "I", which the
+            # organism's helpful answers also open with
+            gh = behavior.generate(handle, clean, max_new_tokens=6)
+            gs = behavior.generate(handle, corrupted, max_new_tokens=6)
+            tokens = discover_tokens(handle.tokenizer,
+                                     refused_first=[t for t, r in zip(gh.first_tokens, gh.refused) if r],
+                                     complied_first=[t for t, r in zip(gs.first_tokens, gs.refused) if not r])
+        metric = partial(refusal_score, tokens=tokens)
         atp = P.attribution_patch(handle, clean, corrupted, metric, P.PatchSpec(max_batch=refusal_config.max_batch),
                                   neurons=False)
         scores[quant] = atp.heads.mean(-1).flatten()
@@ -39,7 +49,8 @@ def test_nf4_and_full_precision_agree_on_top_heads(refusal_config, dataset, reco
     rho = spearman_ci(scores["none"].numpy(), scores["nf4"].numpy(), n_boot=refusal_config.n_bootstrap,
                       seed=refusal_config.seed)
     recorder.save("quantization/top_head_agreement", numbers={
-        "top_k": TOP_K, "overlap": overlap, "spearman_all_heads": rho.to_dict(),
+        "top_k": TOP_K, "overlap": overlap, "token_source": tokens.source,
+        "refusal_token_ids": list(tokens.refusal_ids), "spearman_all_heads": rho.to_dict(),
         "top_full_precision": sorted(f"L{h.layer}H{h.head}" for h in tops["none"]),
         "top_nf4": sorted(f"L{h.layer}H{h.head}" for h in tops["nf4"])},
         arrays={"atp_full": scores["none"], "atp_nf4": scores["nf4"]})
