@@ -122,16 +122,22 @@ def h1_patching(joint: stats.Estimate, k: int, n: int, b: Behaviour, cfg: Refusa
                    p_value=bar_p_value(joint, cfg.h1_share))
 
 
+def _moves(before: float, after: float) -> str:
+    """The verb for a refusal rate going from ``before`` to ``after`` (an ablation can raise it)."""
+    return "drops" if after < before else "raises" if after > before else "leaves"
+
+
 def broke_model(claim: str, cond: Condition, cfg: RefusalConfig) -> Verdict | None:
     """An ablation that wrecks harmless behaviour too proves nothing about refusal."""
     if cond.kl_harmless is None or cond.kl_harmless <= cfg.max_kl:
         return None
     return verdict(claim, "ablation", "inconclusive",
-                   f"Ablating {cond.name} ({len(cond.components)} components) drops the refusal rate from "
+                   f"Ablating {cond.name} ({len(cond.components)} components) "
+                   f"{_moves(cond.baseline.rate, cond.ablated.rate)} the refusal rate from "
                    f"{cond.baseline.rate:.0%} to {cond.ablated.rate:.0%}, but it also breaks the model: next-token KL "
                    f"on harmless prompts {cond.kl_harmless:.3g} nats (limit {cfg.max_kl}), answer cross-entropy "
                    f"+{cond.answer_ce_increase if cond.answer_ce_increase is not None else float('nan'):.3g} nats. "
-                   "The drop is not specific to refusal.", result="phase4/ablation", drop=cond.relative_drop,
+                   "The change is not specific to refusal.", result="phase4/ablation", drop=cond.relative_drop,
                    kl_harmless=cond.kl_harmless, max_kl=cfg.max_kl)
 
 
@@ -143,7 +149,8 @@ def h1_ablation(cond: Condition, n: int, b: Behaviour, cfg: RefusalConfig) -> Ve
         return broken
     k = len(cond.components)
     return verdict("H1", "ablation", against(cond.relative_drop, cfg.h1_drop),
-                   f"Mean-ablating the top {k} of {n} heads drops the refusal rate on held-out harmful prompts from "
+                   f"Mean-ablating the top {k} of {n} heads {_moves(cond.baseline.rate, cond.ablated.rate)} the refusal "
+                   f"rate on held-out harmful prompts from "
                    f"{cond.baseline.rate:.0%} to {cond.ablated.rate:.0%}: relative drop {fmt(cond.relative_drop)} "
                    f"(bar: > {cfg.h1_drop}; McNemar p={cond.mcnemar.p_value:.3g}; KL on harmless prompts "
                    f"{cond.kl_harmless if cond.kl_harmless is not None else float('nan'):.3g}).",

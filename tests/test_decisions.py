@@ -172,9 +172,11 @@ def test_bar_p_value_and_holm():
     assert all(h >= p for h, p in zip(holm, ps))
 
 
-def _condition(kl: float) -> ev.Condition:
+def _condition(kl: float, *, raises: bool = False) -> ev.Condition:
     before = np.ones(10, dtype=bool)
     after = np.zeros(10, dtype=bool)
+    if raises:
+        before, after = after, before
     judged = lambda r: ev.Judged(refused=r, scores=np.zeros(10), texts=())  # noqa: E731
     return ev.Condition(name="x", kind="circuit", control_of=None, components=(Head(layer=0, head=0),),
                         baseline=judged(before), ablated=judged(after), relative_drop=est(1.0, 1.0, 1.0),
@@ -186,3 +188,13 @@ def test_an_ablation_that_breaks_the_model_is_not_evidence():
     broken = d.c2_ablation(_condition(5.0), behaviour(True), CFG)
     assert broken.status == "inconclusive" and "breaks the model" in broken.summary
     assert d.h1_ablation(_condition(5.0), 64, behaviour(True), CFG).status == "inconclusive"
+    assert "drops the refusal rate from 100% to 0%" in broken.summary
+
+
+def test_an_ablation_that_raises_refusal_is_said_to_raise_it():
+    # seen on the organism: a model-breaking ablation took refusal from 95% to 100%, and the
+    # summary read "drops the refusal rate from 95% to 100%"
+    broken = d.c2_ablation(_condition(5.0, raises=True), behaviour(True), CFG)
+    assert "raises the refusal rate from 0% to 100%" in broken.summary and "drops" not in broken.summary
+    h1 = d.h1_ablation(_condition(0.2, raises=True), 64, behaviour(True), CFG)
+    assert "raises the refusal rate on held-out harmful prompts from 0% to 100%" in h1.summary
