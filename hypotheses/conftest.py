@@ -63,10 +63,7 @@ def test_generations(subject, recorder, dataset, refusal_config) -> SplitGenerat
 def refusal_tokens(subject, train_generations) -> metrics.RefusalTokens:
     """The model's own refusal and compliance opening tokens, found on the train split."""
     gen = train_generations
-    return metrics.discover_tokens(
-        subject.tokenizer,
-        refused_first=[t for t, r in zip(gen.harmful.first_tokens, gen.harmful.refused) if r],
-        complied_first=[t for t, r in zip(gen.harmless.first_tokens, gen.harmless.refused) if not r])
+    return metrics.tokens_from_generations(subject.tokenizer, gen.harmful, gen.harmless)
 
 
 # ----------------------------------------------------------------------------- the study (phases 3-5, H1-H3)

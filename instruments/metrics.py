@@ -47,6 +47,14 @@ def fallback_tokens(tokenizer) -> RefusalTokens:
     return RefusalTokens(refusal_ids=refusal, compliance_ids=compliance, source="fallback")
 
 
+def tokens_from_generations(tokenizer, harmful, harmless) -> RefusalTokens:
+    """:func:`discover_tokens` from greedy completions (``behavior.Generations``): the first
+    tokens of the harmful prompts' refusals and of the harmless prompts' compliances."""
+    return discover_tokens(tokenizer,
+                           refused_first=[t for t, r in zip(harmful.first_tokens, harmful.refused) if r],
+                           complied_first=[t for t, r in zip(harmless.first_tokens, harmless.refused) if not r])
+
+
 def discover_tokens(tokenizer, *, refused_first: Sequence[int], complied_first: Sequence[int],
                     min_share: float = 0.02, max_tokens: int = 8) -> RefusalTokens:
     """Refusal tokens: first tokens of the model's refusals; compliance tokens: of its compliances.

@@ -62,9 +62,7 @@ def build_run(handle, path: Path) -> dict:
     # refusal tokens as the phases find them: the model's own openings
     gh = behavior.generate(handle, harmful, max_new_tokens=6)
     gs = behavior.generate(handle, harmless, max_new_tokens=6)
-    tokens = metrics.discover_tokens(handle.tokenizer,
-                                     refused_first=[t for t, r in zip(gh.first_tokens, gh.refused) if r],
-                                     complied_first=[t for t, r in zip(gs.first_tokens, gs.refused) if not r])
+    tokens = metrics.tokens_from_generations(handle.tokenizer, gh, gs)
     decode = handle.tokenizer.decode
     rec.save("phase2/first_token", numbers={"refusal_tokens": [decode([t]) for t in tokens.refusal_ids],
                                             "compliance_tokens": [decode([t]) for t in tokens.compliance_ids],

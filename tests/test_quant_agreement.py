@@ -16,7 +16,7 @@ import torch
 from fixtures.models import load_model
 from instruments import behavior
 from instruments import patching as P
-from instruments.metrics import discover_tokens, refusal_score
+from instruments.metrics import refusal_score, tokens_from_generations
 from instruments.stats import spearman_ci
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -36,9 +36,7 @@ def test_nf4_and_full_precision_agree_on_top_heads(refusal_config, dataset, reco
             # organism's helpful answers also open with
             gh = behavior.generate(handle, clean, max_new_tokens=6)
             gs = behavior.generate(handle, corrupted, max_new_tokens=6)
-            tokens = discover_tokens(handle.tokenizer,
-                                     refused_first=[t for t, r in zip(gh.first_tokens, gh.refused) if r],
-                                     complied_first=[t for t, r in zip(gs.first_tokens, gs.refused) if not r])
+            tokens = tokens_from_generations(handle.tokenizer, gh, gs)
         metric = partial(refusal_score, tokens=tokens)
         atp = P.attribution_patch(handle, clean, corrupted, metric, P.PatchSpec(max_batch=refusal_config.max_batch),
                                   neurons=False)

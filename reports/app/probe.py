@@ -119,9 +119,7 @@ def resolve_tokens(handle, run: RunData | None, dataset) -> tuple[metrics.Refusa
     pairs = dataset.split("train")[:N_DISCOVERY]
     harmful = behavior.generate(handle, [p.harmful for p in pairs], max_new_tokens=4)
     harmless = behavior.generate(handle, [p.harmless for p in pairs], max_new_tokens=4)
-    tokens = metrics.discover_tokens(
-        handle.tokenizer, refused_first=[t for t, r in zip(harmful.first_tokens, harmful.refused) if r],
-        complied_first=[t for t, r in zip(harmless.first_tokens, harmless.refused) if not r])
+    tokens = metrics.tokens_from_generations(handle.tokenizer, harmful, harmless)
     how = ("discovered from the model's openings on" if tokens.source == "discovered"
            else "the fallback lists (the model did not both refuse and comply on)")
     return tokens, f"{how} {len(pairs)} train pairs"
