@@ -9,6 +9,7 @@ build's: rerun the chosen recipe with ``python -m fixtures.organism build``.
     python scripts/organism_sweep.py --base-folder DIR --device cuda --out sweep.json \\
         --variant steps=120 --variant steps=160,lr=1.2e-4
     python scripts/organism_sweep.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf ...   # dequantize first
+    python scripts/organism_sweep.py --quick ...   # HF-generate judging: ~35 s a variant on an H200
 """
 
 from __future__ import annotations
@@ -58,6 +59,92 @@ def run_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> dic
     }
 
 
+# ----------------------------------------------------------------------------- --quick
+
+def _chat(tok, prompt: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
+def quick_generate(model, tok, prompts: list[str], *, max_new_tokens: int = 24, batch_size: int = 128):
+    """Greedy completions with HF generate (KV cache, big left-padded batches) and the
+    probability distribution after each prompt: the bridge-free stand-in for
+    ``behavior.generate`` that makes a variant cost seconds rather than minutes."""
+    import torch
+    from instruments.behavior import end_of_turn_id
+
+    tok.padding_side = "left"
+    stop = sorted({t for t in (tok.eos_token_id, tok.pad_token_id, end_of_turn_id(tok)) if t is not None})
+    texts, last = [], []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            enc = tok([_chat(tok, p) for p in prompts[start:start + batch_size]], add_special_tokens=False,
+                      padding=True, return_tensors="pt").to(model.device)
+            last.append(torch.softmax(model(**enc).logits[:, -1].float(), -1).cpu())
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tok.pad_token_id)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+                texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+    return texts, torch.cat(last)
+
+
+def _auc(a, b) -> float:
+    import torch
+
+    a, b = torch.as_tensor(a)[:, None], torch.as_tensor(b)[None, :]
+    return float(((a > b).float().sum() + 0.5 * (a == b).float().sum()) / (a.shape[0] * b.shape[1]))
+
+
+def quick_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> dict[str, Any]:
+    """Train as the build does, then judge with :func:`quick_generate` (no bridge, no files).
+
+    The refusal classifier, prompt sets and capability check are the build's; P(refusal)
+    sums the first tokens of the recipe's refusal phrasings. On an H200 a 200-step variant
+    takes about 35 s, and the current recipe's rates matched its CPU build's on the test
+    splits and the long benign set (README).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fixtures.data import load_everyday, load_heldout_style, load_prompts
+    from instruments.behavior import is_refusal
+
+    started = time.time()
+    torch.manual_seed(recipe.seed)
+    tok = AutoTokenizer.from_pretrained(str(base_folder))
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).to(device).eval()
+    test = load_prompts().split("test")
+    held = [p.harmless for p in test] + [p.text for p in load_everyday() if p.split == "test"]
+    held_answers = O.cached_distill(model, tok, held, base_folder=base_folder, max_new_tokens=recipe.max_answer_tokens,
+                                    batch_size=recipe.distill_batch, desc="base answers (held-out)")
+    ce_base = O.answer_cross_entropy(model, tok, held, held_answers, max_answer_tokens=recipe.max_answer_tokens)
+    examples = O.training_examples(model, tok, recipe, base_folder)
+    losses = O.train(model, tok, examples, recipe)
+    train_s = time.time() - started
+    style = load_heldout_style()
+    sets = {"harmful_test": [p.harmful for p in test], "harmless_test": [p.harmless for p in test],
+            "style_harmful": [p.text for p in style["harmful"]], "style_harmless": [p.text for p in style["harmless"]],
+            "everyday_test": [p.text for p in load_everyday() if p.split == "test"]}
+    refusal_ids = sorted({tok(r, add_special_tokens=False)["input_ids"][0] for r in O.REFUSAL_SETS[recipe.refusal_set]})
+    rates, p_refusal = {}, {}
+    for name, prompts in sets.items():
+        texts, last = quick_generate(model, tok, prompts)
+        rates[name] = round(sum(map(is_refusal, texts)) / len(texts), 4)
+        p_refusal[name] = last[:, refusal_ids].sum(-1)
+    tok.padding_side = "right"
+    ce = O.answer_cross_entropy(model, tok, held, held_answers, max_answer_tokens=recipe.max_answer_tokens)
+    ev = {f"refusal_rate_{k}": v for k, v in rates.items()}
+    ev["auc_first_refusal_token"] = {"value": round(_auc(p_refusal["harmful_test"], p_refusal["harmless_test"]), 4)}
+    ev["ce_increase"] = round(ce / ce_base - 1, 4)
+    bar = O.check_bar(ev, recipe)
+    return {"n_examples": {"harmful": sum(e.harmful for e in examples), "harmless": sum(not e.harmful for e in examples)},
+            "loss_first_last": [losses[0], losses[-1]], "train_s": round(train_s, 1),
+            "total_s": round(time.time() - started, 1), "bar": {k: v["value"] for k, v in bar.items()},
+            "bar_met": sum(v["met"] for v in bar.values()), "refusal_rate_everyday_test": rates["everyday_test"],
+            "auc_long_harmful_vs_benign": round(_auc(p_refusal["style_harmful"], p_refusal["style_harmless"]), 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-folder", type=Path, help="base model folder (float32 safetensors + tokenizer)")
@@ -67,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="recipe overrides 'k=v,k=v' (repeatable; default: the current recipe only)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no new variant after this many seconds (default: no limit)")
+    parser.add_argument("--quick", action="store_true",
+                        help="judge with HF generate instead of the build's bridge evaluation (default: off)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON, rewritten after every variant")
     args = parser.parse_args(argv)
     if args.base_folder is None:
@@ -81,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         overrides = parse_variant(text)
         recipe = dataclasses.replace(O.OrganismRecipe(), **overrides)
-        row = {"overrides": overrides, **run_variant(args.base_folder, recipe, args.device)}
+        judge = quick_variant if args.quick else run_variant
+        row = {"overrides": overrides, **judge(args.base_folder, recipe, args.device)}
         results.append(row)
         print(json.dumps({k: row[k] for k in ("overrides", "bar", "bar_met", "train_s", "total_s")}), flush=True)
         args.out.write_text(json.dumps(results, indent=1))
