@@ -1,7 +1,7 @@
 """End to end: the explorer served by `streamlit run` on loopback, driven in headless Chromium.
 
 On the organism with a small run directory built here from the instruments (a refusal
-direction from 8 train pairs at the middle layer, heads and neurons ranked by attribution
+direction from 8 train pairs, at the layer where removing it bypasses refusal best, heads and neurons ranked by attribution
 patching on 4 pairs), the test types a harmful prompt, sees a high refusal probability and
 a refusal, ablates the run's top components and the direction, and sees the probability
 drop. It measures (never asserts) the latency of non-generating interactions and the
@@ -29,7 +29,8 @@ from fixtures.data import load_prompts
 from fixtures.recording import Recorder
 from fixtures.storage import REPO_ROOT
 from instruments import behavior, metrics
-from instruments.components import Head, Neuron, label, to_json
+from instruments.ablation import AblationSpec, ablated
+from instruments.components import Direction, Head, Neuron, label, to_json
 from instruments.direction import DirectionSpec, candidate_directions, layer_projections
 from instruments.patching import PatchSpec, attribution_patch
 
@@ -67,9 +68,22 @@ def build_run(handle, path: Path) -> dict:
     rec.save("phase2/first_token", numbers={"refusal_tokens": [decode([t]) for t in tokens.refusal_ids],
                                             "compliance_tokens": [decode([t]) for t in tokens.compliance_ids],
                                             "token_source": tokens.source})
-    # the direction: difference in means at the last template token, middle layer
-    layer = handle.n_layers // 2
+    # the direction: difference in means at the last template token, from the layer whose
+    # direction, removed at every layer, lowers these prompts' P(refusal) most (phase 5's
+    # bypass score, without its validation split; its last-20%-of-layers rule kept). A fixed
+    # middle layer worked for organism v5 but not v6, whose layer-15 direction removes
+    # almost nothing: where the direction lives is the model's business, not this test's.
     cands = candidate_directions(handle, harmful, harmless, spec=DirectionSpec(n_positions=1))
+
+    def bypass(layer: int) -> float:
+        vector = cands.mean_diff[0, layer]
+        if not float(vector.norm()) > 0:  # e.g. layer 0: the same template token in every prompt
+            return float("inf")
+        d = Direction(layer=layer, vector=tuple(float(x) for x in vector / vector.norm()))
+        with ablated(handle, [d], spec=AblationSpec(method="zero")):
+            return float(behavior.first_token_probs(handle, harmful, tokens).refusal.mean())
+
+    layer = min(range(int(handle.n_layers * 0.8)), key=bypass)
     vector = cands.mean_diff[0, layer]
     unit = vector / vector.norm()
     rec.save("phase5/direction", numbers={"layer": layer, "pos": -1, "meets_thresholds": True},
@@ -247,6 +261,7 @@ def test_explorer_in_a_browser(tmp_path):
         docs.mkdir(exist_ok=True)
         shutil.copy(shots / "6-ablation.png", docs / "explorer.png")
     report = {"model": "organism", "device": "cpu", "torch_threads": 1, "prompt": prompt,
+              "direction_layer": built["layer"],
               "p_refusal_clean": clean, "p_refusal_ablated": ablated, "verdicts_clean_then_ablated": verdicts,
               "seconds": {k: None if v is None else round(v, 3) for k, v in timings.items()},
               "screenshots": str(shots)}
