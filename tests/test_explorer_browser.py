@@ -1,10 +1,10 @@
 """End to end: the explorer served by `streamlit run` on loopback, driven in headless Chromium.
 
 On the organism with a small run directory built here from the instruments (a refusal
-direction from 8 train pairs, at the layer where removing it bypasses refusal best, heads and neurons ranked by attribution
-patching on 4 pairs), the test types a harmful prompt, sees a high refusal probability and
-a refusal, ablates the run's top components and the direction, and sees the probability
-drop. It measures (never asserts) the latency of non-generating interactions and the
+direction from 8 train pairs, chosen by phase 5's rule; heads and neurons ranked by
+attribution patching on 4 pairs), the test types a harmful prompt, sees a high refusal
+probability and a refusal, ablates the run's top components and the direction, and sees
+the probability the instruments compute for that ablation, lower than before. It measures (never asserts) the latency of non-generating interactions and the
 time to the first streamed token, prints them and writes them to
 .benchmarks/explorer_latency.json; screenshots go to the test's tmp dir (and to docs/explorer.png with REFUSAL_UPDATE_DOCS=1).
 """
@@ -28,9 +28,8 @@ from fixtures.config import RefusalConfig
 from fixtures.data import load_prompts
 from fixtures.recording import Recorder
 from fixtures.storage import REPO_ROOT
-from instruments import behavior, metrics
-from instruments.ablation import AblationSpec, ablated
-from instruments.components import Direction, Head, Neuron, label, to_json
+from instruments import ablation, behavior, metrics
+from instruments.components import Direction, Head, Neuron, from_json, label, to_json
 from instruments.direction import DirectionSpec, candidate_directions, layer_projections
 from instruments.patching import PatchSpec, attribution_patch
 
@@ -43,6 +42,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 APP = REPO_ROOT / "reports" / "app" / "explorer.py"
 TOP = 10  # heads and neurons recorded in the run
+APP_K = 5  # the ablation bench's default k (reports/app/views.py)
 
 
 def _require_browser():
@@ -68,25 +68,34 @@ def build_run(handle, path: Path) -> dict:
     rec.save("phase2/first_token", numbers={"refusal_tokens": [decode([t]) for t in tokens.refusal_ids],
                                             "compliance_tokens": [decode([t]) for t in tokens.compliance_ids],
                                             "token_source": tokens.source})
-    # the direction: difference in means at the last template token, from the layer whose
-    # direction, removed at every layer, lowers these prompts' P(refusal) most (phase 5's
-    # bypass score, without its validation split; its last-20%-of-layers rule kept). A fixed
-    # middle layer worked for organism v5 but not v6, whose layer-15 direction removes
-    # almost nothing: where the direction lives is the model's business, not this test's.
+    # the direction: difference in means at the last template token, chosen as phase 5 does
+    # but on these 8 train pairs (no validation split): the lowest bypass score (harmful
+    # prompts' P(refusal) with the direction removed at every layer) among layers before the
+    # last 20% whose removal keeps harmless prompts' next-token KL within the suite's
+    # --refusal-direction-kl; if none does (organism v6), the lowest bypass score, recorded as
+    # not meeting the thresholds. A fixed middle layer worked for organism v5 but not v6, whose
+    # layer-15 direction removes almost nothing: where the direction lives is the model's
+    # business, not this test's, which checks the explorer against the instruments.
     cands = candidate_directions(handle, harmful, harmless, spec=DirectionSpec(n_positions=1))
+    clean_harmless = behavior.last_logits(handle, harmless)
+    max_kl = RefusalConfig().direction_kl
 
-    def bypass(layer: int) -> float:
+    def scores(layer: int) -> tuple[float, float]:
         vector = cands.mean_diff[0, layer]
         if not float(vector.norm()) > 0:  # e.g. layer 0: the same template token in every prompt
-            return float("inf")
+            return float("inf"), float("inf")
         d = Direction(layer=layer, vector=tuple(float(x) for x in vector / vector.norm()))
-        with ablated(handle, [d], spec=AblationSpec(method="zero")):
-            return float(behavior.first_token_probs(handle, harmful, tokens).refusal.mean())
+        with ablation.ablated(handle, [d], spec=ablation.AblationSpec(method="zero")):
+            bypass = float(behavior.first_token_probs(handle, harmful, tokens).refusal.mean())
+            kl = float(metrics.kl_divergence(clean_harmless, behavior.last_logits(handle, harmless)).mean())
+        return bypass, kl
 
-    layer = min(range(int(handle.n_layers * 0.8)), key=bypass)
+    scored = {layer: scores(layer) for layer in range(int(handle.n_layers * 0.8))}
+    kept = [layer for layer, (_, kl) in scored.items() if kl <= max_kl]
+    layer = min(kept or scored, key=lambda layer: scored[layer][0])
     vector = cands.mean_diff[0, layer]
     unit = vector / vector.norm()
-    rec.save("phase5/direction", numbers={"layer": layer, "pos": -1, "meets_thresholds": True},
+    rec.save("phase5/direction", numbers={"layer": layer, "pos": -1, "meets_thresholds": bool(kept)},
              arrays={"direction": unit, "projection.harmful": layer_projections(handle, harmful, unit),
                      "projection.harmless": layer_projections(handle, harmless, unit)})
     # heads and neurons ranked by attribution patching (denoising: harmless run, harmful activations)
@@ -108,7 +117,10 @@ def build_run(handle, path: Path) -> dict:
         catalogue.append({"component": to_json(n), "label": label(n), "rank": rank,
                           "atp": float(neurons[n.layer, n.index]), "top_examples": []})
     rec.save("phase3/neurons", numbers={"catalogue": catalogue})
-    return {"tokens": tokens, "direction": unit, "layer": layer}
+    return {"tokens": tokens, "meets_thresholds": bool(kept), "layer": layer,
+            "direction": Direction(layer=layer, vector=tuple(float(x) for x in unit)),
+            "heads": [from_json(r["component"]) for r in ranking],  # in the run's order
+            "neurons": [from_json(n["component"]) for n in catalogue]}
 
 
 def _free_port() -> int:
@@ -167,6 +179,11 @@ def test_explorer_in_a_browser(tmp_path):
     p_ref = behavior.first_token_probs(handle, candidates, built["tokens"]).refusal
     prompt = candidates[int(p_ref.argmax())]
     first_piece = next(behavior.stream_generate(handle, prompt, max_new_tokens=4)).strip()
+    # what the page must show after "Select top-k from the run" (k = APP_K) and ticking the
+    # direction, computed here by the instruments themselves (zero ablation, the page's default)
+    chosen = built["heads"][:APP_K] + built["neurons"][:APP_K] + [built["direction"]]
+    with ablation.ablated(handle, chosen, spec=ablation.AblationSpec(method="zero")):
+        expected = float(behavior.first_token_probs(handle, [prompt], built["tokens"]).refusal[0])
     del handle
 
     port = _free_port()
@@ -240,7 +257,9 @@ def test_explorer_in_a_browser(tmp_path):
                        "tick_direction")  # one ablated forward pass
                 ablated = float(_metric(page, "P(refusal), ablated")[0])
                 assert float(_metric(page, "P(refusal), clean")[0]) == pytest.approx(clean, abs=1e-3)
-                assert ablated < 0.5 * clean, f"ablating the top components and the direction left P = {ablated}"
+                # the page ablated exactly those components, and it shows their effect
+                assert ablated == pytest.approx(expected, abs=2e-3), (ablated, expected)
+                assert ablated < clean, f"ablating the top components and the direction left P = {ablated}"
                 _after(page, lambda: page.get_by_role("button", name="Regenerate with ablation").click(), timings,
                        "regenerate_ablated", timeout_ms=300_000)
                 verdicts = _metric(page, "Classifier verdict")
@@ -262,6 +281,7 @@ def test_explorer_in_a_browser(tmp_path):
         shutil.copy(shots / "6-ablation.png", docs / "explorer.png")
     report = {"model": "organism", "device": "cpu", "torch_threads": 1, "prompt": prompt,
               "direction_layer": built["layer"],
+              "direction_meets_thresholds": built["meets_thresholds"],
               "p_refusal_clean": clean, "p_refusal_ablated": ablated, "verdicts_clean_then_ablated": verdicts,
               "seconds": {k: None if v is None else round(v, 3) for k, v in timings.items()},
               "screenshots": str(shots)}
