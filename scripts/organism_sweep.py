@@ -100,8 +100,9 @@ def quick_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> d
 
     The refusal classifier, prompt sets and capability check are the build's; P(refusal)
     sums the first tokens of the recipe's refusal phrasings. On an H200 a 200-step variant
-    takes about 35 s, and the current recipe's rates matched its CPU build's on the test
-    splits and the long benign set (README).
+    takes about 35 s. Version 5's rates here equalled its CPU build's on the test splits and
+    the long benign set; version 6's came out one or two prompts better than its CPU build's
+    on three sets (README): the search ranks recipes, and a CPU build has the last word.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -4,9 +4,10 @@ On the organism with a small run directory built here from the instruments (a re
 direction from 8 train pairs, chosen by phase 5's rule; heads and neurons ranked by
 attribution patching on 4 pairs), the test types a harmful prompt, sees a high refusal
 probability and a refusal, ablates the run's top components and the direction, and sees
-the probability the instruments compute for that ablation, lower than before. It measures (never asserts) the latency of non-generating interactions and the
-time to the first streamed token, prints them and writes them to
-.benchmarks/explorer_latency.json; screenshots go to the test's tmp dir (and to docs/explorer.png with REFUSAL_UPDATE_DOCS=1).
+the probability the instruments compute for that ablation, lower than before. It measures
+(never asserts) the latency of non-generating interactions and the time to the first
+streamed token, prints them and writes them to .benchmarks/explorer_latency.json;
+screenshots go to the test's tmp dir (and to docs/explorer.png with REFUSAL_UPDATE_DOCS=1).
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def build_run(handle, path: Path) -> dict:
     # but on these 8 train pairs (no validation split): the lowest bypass score (harmful
     # prompts' P(refusal) with the direction removed at every layer) among layers before the
     # last 20% whose removal keeps harmless prompts' next-token KL within the suite's
-    # --refusal-direction-kl; if none does (organism v6), the lowest bypass score, recorded as
-    # not meeting the thresholds. A fixed middle layer worked for organism v5 but not v6, whose
+    # --refusal-direction-kl; if none does, the lowest bypass score, recorded as not meeting
+    # the thresholds (on organism v6 layer 19 qualifies; bypass alone picked layer 1, which
+    # "worked" by breaking the model). A fixed middle layer worked for organism v5 but not v6, whose
     # layer-15 direction removes almost nothing: where the direction lives is the model's
     # business, not this test's, which checks the explorer against the instruments.
     cands = candidate_directions(handle, harmful, harmless, spec=DirectionSpec(n_positions=1))
