@@ -70,10 +70,10 @@ def quick_generate(model, tok, prompts: list[str], *, max_new_tokens: int = 24, 
     probability distribution after each prompt: the bridge-free stand-in for
     ``behavior.generate`` that makes a variant cost seconds rather than minutes."""
     import torch
-    from instruments.behavior import end_of_turn_id
+    from instruments.behavior import _stop_ids
 
     tok.padding_side = "left"
-    stop = sorted({t for t in (tok.eos_token_id, tok.pad_token_id, end_of_turn_id(tok)) if t is not None})
+    stop = _stop_ids(tok)
     texts, last = [], []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
@@ -88,11 +88,11 @@ def quick_generate(model, tok, prompts: list[str], *, max_new_tokens: int = 24, 
     return texts, torch.cat(last)
 
 
-def _auc(a, b) -> float:
-    import torch
+def _auc(pos, neg) -> float:
+    """ROC AUC (the Mann-Whitney share, ties half) by ``stats.roc_auc``; its CI is not needed here."""
+    from instruments.stats import roc_auc
 
-    a, b = torch.as_tensor(a)[:, None], torch.as_tensor(b)[None, :]
-    return float(((a > b).float().sum() + 0.5 * (a == b).float().sum()) / (a.shape[0] * b.shape[1]))
+    return roc_auc(pos.numpy(), neg.numpy(), n_boot=200).value
 
 
 def quick_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> dict[str, Any]:
@@ -107,7 +107,6 @@ def quick_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fixtures.data import load_everyday, load_heldout_style, load_prompts
     from instruments.behavior import is_refusal
 
     started = time.time()
@@ -115,18 +114,13 @@ def quick_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> d
     tok = AutoTokenizer.from_pretrained(str(base_folder))
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).to(device).eval()
-    test = load_prompts().split("test")
-    held = [p.harmless for p in test] + [p.text for p in load_everyday() if p.split == "test"]
+    sets, held = O.heldout_sets()
     held_answers = O.cached_distill(model, tok, held, base_folder=base_folder, max_new_tokens=recipe.max_answer_tokens,
                                     batch_size=recipe.distill_batch, desc="base answers (held-out)")
     ce_base = O.answer_cross_entropy(model, tok, held, held_answers, max_answer_tokens=recipe.max_answer_tokens)
     examples = O.training_examples(model, tok, recipe, base_folder)
     losses = O.train(model, tok, examples, recipe)
     train_s = time.time() - started
-    style = load_heldout_style()
-    sets = {"harmful_test": [p.harmful for p in test], "harmless_test": [p.harmless for p in test],
-            "style_harmful": [p.text for p in style["harmful"]], "style_harmless": [p.text for p in style["harmless"]],
-            "everyday_test": [p.text for p in load_everyday() if p.split == "test"]}
     refusal_ids = sorted({tok(r, add_special_tokens=False)["input_ids"][0] for r in O.REFUSAL_SETS[recipe.refusal_set]})
     rates, p_refusal = {}, {}
     for name, prompts in sets.items():

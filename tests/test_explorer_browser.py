@@ -1,7 +1,7 @@
 """End to end: the explorer served by `streamlit run` on loopback, driven in headless Chromium.
 
 On the organism with a small run directory built here from the instruments (a refusal
-direction from 8 train pairs, chosen by phase 5's rule; heads and neurons ranked by
+direction from 8 train pairs, chosen by phase 5's select_direction; heads and neurons ranked by
 attribution patching on 4 pairs), the test types a harmful prompt, sees a high refusal
 probability and a refusal, ablates the run's top components and the direction, and sees
 the probability the instruments compute for that ablation, lower than before. It measures
@@ -30,8 +30,8 @@ from fixtures.data import load_prompts
 from fixtures.recording import Recorder
 from fixtures.storage import REPO_ROOT
 from instruments import ablation, behavior, metrics
-from instruments.components import Direction, Head, Neuron, from_json, label, to_json
-from instruments.direction import DirectionSpec, candidate_directions, layer_projections
+from instruments.components import Head, Neuron, from_json, label, to_json
+from instruments.direction import DirectionSpec, candidate_directions, layer_projections, select_direction
 from instruments.patching import PatchSpec, attribution_patch
 
 # one intra-op thread here (restored afterwards), so the Streamlit server has the other core
@@ -69,35 +69,19 @@ def build_run(handle, path: Path) -> dict:
     rec.save("phase2/first_token", numbers={"refusal_tokens": [decode([t]) for t in tokens.refusal_ids],
                                             "compliance_tokens": [decode([t]) for t in tokens.compliance_ids],
                                             "token_source": tokens.source})
-    # the direction: difference in means at the last template token, chosen as phase 5 does
-    # but on these 8 train pairs (no validation split): the lowest bypass score (harmful
-    # prompts' P(refusal) with the direction removed at every layer) among layers before the
-    # last 20% whose removal keeps harmless prompts' next-token KL within the suite's
-    # --refusal-direction-kl; if none does, the lowest bypass score, recorded as not meeting
-    # the thresholds (on organism v6 layer 19 qualifies; bypass alone picked layer 1, which
-    # "worked" by breaking the model). A fixed middle layer worked for organism v5 but not v6, whose
-    # layer-15 direction removes almost nothing: where the direction lives is the model's
+    # the direction: difference in means at the last template token, chosen by phase 5's own
+    # select_direction with the suite's default thresholds, on these 8 train pairs (no
+    # validation split). A fixed middle layer worked for organism v5 but not v6, whose
+    # layer-15 direction removes almost nothing, and the lowest bypass alone picked layer 1,
+    # which "worked" by breaking the model: where the direction lives is the model's
     # business, not this test's, which checks the explorer against the instruments.
-    cands = candidate_directions(handle, harmful, harmless, spec=DirectionSpec(n_positions=1))
-    clean_harmless = behavior.last_logits(handle, harmless)
-    max_kl = RefusalConfig().direction_kl
-
-    def scores(layer: int) -> tuple[float, float]:
-        vector = cands.mean_diff[0, layer]
-        if not float(vector.norm()) > 0:  # e.g. layer 0: the same template token in every prompt
-            return float("inf"), float("inf")
-        d = Direction(layer=layer, vector=tuple(float(x) for x in vector / vector.norm()))
-        with ablation.ablated(handle, [d], spec=ablation.AblationSpec(method="zero")):
-            bypass = float(behavior.first_token_probs(handle, harmful, tokens).refusal.mean())
-            kl = float(metrics.kl_divergence(clean_harmless, behavior.last_logits(handle, harmless)).mean())
-        return bypass, kl
-
-    scored = {layer: scores(layer) for layer in range(int(handle.n_layers * 0.8))}
-    kept = [layer for layer, (_, kl) in scored.items() if kl <= max_kl]
-    layer = min(kept or scored, key=lambda layer: scored[layer][0])
-    vector = cands.mean_diff[0, layer]
-    unit = vector / vector.norm()
-    rec.save("phase5/direction", numbers={"layer": layer, "pos": -1, "meets_thresholds": bool(kept)},
+    cfg = RefusalConfig()
+    spec = DirectionSpec(n_positions=1, kl_threshold=cfg.direction_kl, induce_threshold=cfg.direction_induce,
+                         prune_layer_fraction=cfg.direction_prune)
+    cands = candidate_directions(handle, harmful, harmless, spec=spec)
+    chosen = select_direction(handle, cands, harmful_val=harmful, harmless_val=harmless, tokens=tokens, spec=spec)
+    unit, layer = chosen.direction.tensor(), chosen.layer
+    rec.save("phase5/direction", numbers={"layer": layer, "pos": -1, "meets_thresholds": chosen.meets_thresholds},
              arrays={"direction": unit, "projection.harmful": layer_projections(handle, harmful, unit),
                      "projection.harmless": layer_projections(handle, harmless, unit)})
     # heads and neurons ranked by attribution patching (denoising: harmless run, harmful activations)
@@ -119,8 +103,8 @@ def build_run(handle, path: Path) -> dict:
         catalogue.append({"component": to_json(n), "label": label(n), "rank": rank,
                           "atp": float(neurons[n.layer, n.index]), "top_examples": []})
     rec.save("phase3/neurons", numbers={"catalogue": catalogue})
-    return {"tokens": tokens, "meets_thresholds": bool(kept), "layer": layer,
-            "direction": Direction(layer=layer, vector=tuple(float(x) for x in unit)),
+    return {"tokens": tokens, "meets_thresholds": chosen.meets_thresholds, "layer": layer,
+            "direction": chosen.direction,
             "heads": [from_json(r["component"]) for r in ranking],  # in the run's order
             "neurons": [from_json(n["component"]) for n in catalogue]}
 

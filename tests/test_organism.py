@@ -278,8 +278,8 @@ def test_quick_sweep_generates_what_the_suite_generates(tiny):
 
 
 def test_quick_sweep_auc_is_the_mann_whitney_share():
-    auc = _sweep_module()._auc
-    assert auc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auc([0.1], [0.9]) == 0.0
+    auc = lambda a, b: _sweep_module()._auc(torch.tensor(a), torch.tensor(b))  # noqa: E731
+    assert auc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auc([0.1, 0.2], [0.9, 0.8]) == 0.0
     assert auc([0.5, 0.9], [0.5, 0.1]) == 0.875  # one tie counts half: (1 + 0.5 + 1 + 1) / 4
 
 
