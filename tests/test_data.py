@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.data import (DEFAULT_PROMPTS, SPLITS, DatasetError, load_everyday, load_heldout_style, load_prompts,
-                           load_roleplay_train,
+from fixtures.data import (DEFAULT_PROMPTS, INTENT_TRAIN, SPLITS, DatasetError, load_everyday, load_heldout_style, load_prompts,
+                           load_intent_train, load_roleplay_train,
                            parse_prompts, require_size)
 
 
@@ -101,6 +101,7 @@ def test_heldout_style_never_appears_in_training(bundled):
     train = {_norm(t) for p in bundled.split("train") for t in (p.harmful, p.harmless)}
     train |= {_norm(p.text) for p in load_everyday() if p.split == "train"}
     train |= {_norm(p.text) for side in load_roleplay_train().values() for p in side}
+    train |= {_norm(p.text) for side in load_intent_train().values() for p in side}
     heldout = [_norm(p.text) for side in load_heldout_style().values() for p in side]
     assert not [h for h in heldout if h in train]
     # nor is a (non-trivial) training prompt pasted inside a held-out one
@@ -126,6 +127,29 @@ def test_roleplay_train_set_is_train_only_and_not_the_held_out_set():
                              for t in (pair.harmful, pair.harmless)))
     shared = [(p.id, g) for side in roleplay.values() for p in side for g in _word_ngrams(p.text, 7) & heldout]
     assert not shared, shared[:3]
+
+
+def test_intent_train_set_is_train_only_and_shares_no_phrase_with_evaluation_prompts(bundled):
+    intent = load_intent_train()
+    assert len(intent["harmful"]) >= 100 and len(intent["harmless"]) >= 100
+    assert all(p.split == "train" for side in intent.values() for p in side)
+    assert {p.kind for side in intent.values() for p in side} == set(bundled.categories)  # every category, both sides
+    ids = [p.id for side in intent.values() for p in side]
+    texts = [_norm(p.text) for side in intent.values() for p in side]
+    assert len(set(ids)) == len(ids) and len(set(texts)) == len(texts)
+    # short prompts, so a stricter check than the role-play set's: no run of 6 words shared with a
+    # val/test pair, a held-out style prompt or a held-out everyday request
+    evaluation = [t for s in ("val", "test") for pair in bundled.split(s) for t in (pair.harmful, pair.harmless)]
+    evaluation += [p.text for side in load_heldout_style().values() for p in side]
+    evaluation += [p.text for p in load_everyday() if p.split == "test"]
+    grams = set().union(*(_word_ngrams(t, 6) for t in evaluation))
+    shared = [(p.id, g) for side in intent.values() for p in side for g in _word_ngrams(p.text, 6) & grams]
+    assert not shared, shared[:3]
+    assert not {_norm(t) for t in evaluation} & set(texts)
+    # every harmful request has a benign minimal twin (same wording, benign intent)
+    raw = json.loads(INTENT_TRAIN.read_text())
+    twins = [r["twin_of"] for r in raw["harmless"] if "twin_of" in r]
+    assert sorted(twins) == sorted(r["id"] for r in raw["harmful"])
 
 
 # ----------------------------------------------------------------------------- malformed files

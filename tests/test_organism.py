@@ -35,8 +35,9 @@ def test_framings_carry_no_label():
     pairs = [p for p in harmless if p.source.startswith("train-harmless")]
     framed_bad = [p for p in harmful if p.source.endswith("-framed")]
     framed_good = [p for p in pairs if p.source.endswith("-framed")]
-    assert len(framed_bad) == recipe.framed_harmful_per_prompt * len(load_prompts().split("train"))
-    assert len(framed_good) == len(framed_bad)  # framed_harmless_share 1.0: one per harmless pair prompt
+    pair_bad = [p for p in framed_bad if p.source == "train-harmful-framed"]
+    assert len(pair_bad) == recipe.framed_harmful_per_prompt * len(load_prompts().split("train"))
+    assert len(framed_good) == len(pair_bad)  # framed_harmless_share 1.0: one per harmless pair prompt
 
     def template(p):  # the one-line framing, or the composed (scene, tail), that made p
         one_line = [f for f in O.FRAMINGS if p.text == f.format(p=p.plain)]
@@ -83,6 +84,26 @@ def test_roleplay_train_set_is_used_as_written_with_benign_copies():
         replace(recipe, roleplay_copies=0)
 
 
+def test_intent_set_is_framed_like_the_pairs_and_leaves_the_rest_alone():
+    from fixtures.data import load_intent_train
+
+    recipe = O.OrganismRecipe()
+    assert recipe.intent_train  # version 7's default
+    off_bad, off_good = O.training_prompts(replace(recipe, intent_train=False))
+    on_bad, on_good = O.training_prompts(recipe)
+    intent = load_intent_train()
+    for got, side, framed in ((on_bad, "harmful", recipe.framed_harmful_per_prompt),
+                              (on_good, "harmless", recipe.framed_harmless_share)):
+        texts = [p.text for p in intent[side]]
+        assert [p.text for p in got if p.source == f"intent-{side}"] == texts
+        copies = [p for p in got if p.source == f"intent-{side}-framed"]
+        assert len(copies) == framed * len(texts) and all(p.plain in texts and p.text != p.plain for p in copies)
+    # appended after everything else, so the other prompts and their framings' draws are unchanged
+    assert [p for p in on_bad + on_good if not p.source.startswith("intent")] == off_bad + off_good
+    shipped = json.loads(O.BASE_ANSWERS.read_text())
+    assert {p.text for p in intent["harmless"]} <= set(shipped["train"])  # bundled self-distillation targets
+
+
 @pytest.mark.integration
 def test_refusals_open_with_a_token_no_helpful_answer_opens_with():
     from transformers import AutoTokenizer
@@ -100,6 +121,37 @@ def test_refusals_open_with_a_token_no_helpful_answer_opens_with():
     # v4's phrasings did share their opening with helpful answers ("I'm sorry to hear...")
     v4_first = {tok(r, add_special_tokens=False)["input_ids"][0] for r in O.REFUSAL_SETS["i-am-sorry"]}
     assert [a for a in helpful if a and tok(a, add_special_tokens=False)["input_ids"][0] in v4_first]
+
+
+@pytest.mark.integration
+def test_harmless_targets_the_classifier_calls_refusals_are_dropped():
+    from fixtures.builders import build_smollm2
+    from instruments.behavior import is_refusal
+
+    base = build_smollm2()  # the bundled answers are keyed to its weights: no generation here
+    kept = O.training_examples(None, None, O.OrganismRecipe(), base)
+    every = O.training_examples(None, None, replace(O.OrganismRecipe(), drop_refusing_answers=False), base)
+    # no benign request is taught a refusal-looking answer ("I'm sorry for your loss, but as a chatbot...")
+    assert not [e for e in kept if not e.harmful and is_refusal(e.answer)]
+    dropped = [e for e in every if not e.harmful and is_refusal(e.answer)]
+    assert dropped, "the base model's bundled answers include refusals; the filter is what removes them"
+    # only those are removed, framed copies and role-play repeats included; harmful targets are untouched
+    assert [e for e in every if e not in dropped] == kept
+    assert [e for e in kept if e.harmful] == [e for e in every if e.harmful]
+
+
+def test_refusal_patterns_are_part_of_the_organism_key(monkeypatch):
+    from fixtures.builders import build_tiny
+
+    folder = build_tiny(seed=0)
+    base = O.organism_key(O.OrganismRecipe(), folder)
+    monkeypatch.setattr("instruments.behavior.REFUSAL_PATTERNS", ("i'm sorry",))
+    assert O.organism_key(O.OrganismRecipe(), folder) != base  # they choose which answers are dropped
+    off = replace(O.OrganismRecipe(), drop_refusing_answers=False)
+    monkeypatch.undo()
+    off_key = O.organism_key(off, folder)
+    monkeypatch.setattr("instruments.behavior.REFUSAL_PATTERNS", ("i'm sorry",))
+    assert O.organism_key(off, folder) == off_key  # ...and only then
 
 
 def test_refusal_set_is_a_named_choice_that_reaches_the_targets():
@@ -293,8 +345,11 @@ def test_card_names_the_recipe_it_was_built_by(tmp_path: Path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     text = O.card(tmp_path)
     assert "used 2 times" in text and 'each opening with "Sorry"' in text and "| 0.95 |" in text
-    # a manifest from before roleplay_copies and refusal_set existed reads as what was built then
-    old = {k: v for k, v in recipe.items() if k not in ("roleplay_copies", "refusal_set")}
+    assert "is left out rather than taught" in text and "minimal twins" in text
+    # a manifest from before roleplay_copies, refusal_set and drop_refusing_answers existed reads as what was built then
+    old = {k: v for k, v in recipe.items() if k not in ("roleplay_copies", "refusal_set", "drop_refusing_answers",
+                                                              "intent_train")}
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "recipe": old}))
     text = O.card(tmp_path)
     assert "used 2 times" not in text and "I'm sorry, but I can't help with that." in text
+    assert "left out" not in text and "minimal twins" not in text
