@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.data import (DEFAULT_PROMPTS, INTENT_TRAIN, SPLITS, DatasetError, load_everyday, load_heldout_style, load_prompts,
-                           load_intent_train, load_roleplay_train,
+from fixtures.data import (DEFAULT_PROMPTS, INTENT_TRAIN, SPLITS, DatasetError, load_everyday, load_heldout_style,
+                           load_intent_train, load_prompts, load_roleplay_train,
                            parse_prompts, require_size)
 
 
