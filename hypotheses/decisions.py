@@ -22,6 +22,7 @@ from hypotheses.evidence import Behaviour, Condition, Ranking
 from hypotheses.structure import Accumulation, CrossCategory, LayerProfile, thirds
 from hypotheses.verdicts import Status, Verdict, combine, decide
 from instruments import stats
+from instruments.direction import DirectionSelection
 
 TITLES = {
     "H1": "Localized circuit: fewer than 5% of components carry more than 80% of refusal",
@@ -99,6 +100,34 @@ def no_behaviour(claim: str, evidence: str, b: Behaviour, cfg: RefusalConfig) ->
     return verdict(claim, evidence, "inconclusive",
                    f"No refusal behaviour to explain ({b.reason(cfg.alpha)}): nothing can be localized.",
                    result="phase2/refusal_rates", gap=b.gap)
+
+
+def failed_selection(sel: DirectionSelection) -> str | None:
+    """Why the selected refusal direction may not be used (None: it passes every filter).
+
+    Arditi et al. (2024) keep a candidate only if ablating it keeps the KL on harmless val
+    prompts at most a threshold, adding it induces a refusal score of at least a threshold,
+    and it is not read in the last layers; a line that rests on a candidate outside those
+    filters would be judging a direction that does not mediate refusal.
+    """
+    if sel.meets_thresholds:
+        return None
+    spec, best = sel.spec, sel.best
+    n_evaluated = sum(s.evaluated for s in sel.scores)
+    return (f"no candidate refusal direction passes the selection filters (Arditi et al. 2024: KL on harmless val "
+            f"prompts <= {spec.kl_threshold}, induced refusal score >= {spec.induce_threshold}, the last "
+            f"{spec.prune_layer_fraction:.0%} of layers excluded; {n_evaluated} candidates scored on "
+            f"{sel.n_harmful} harmful and {sel.n_harmless} harmless val prompts). The best, layer {best.layer} "
+            f"position {best.pos}, has bypass score {best.bypass:.3g}, induce score {best.induce:.3g}, KL "
+            f"{best.kl:.3g} ({best.rejected})")
+
+
+def no_direction(claim: str, evidence: str, why: str, b: Behaviour, cfg: RefusalConfig) -> Verdict:
+    """A line that needs the refusal direction, when there is none to use (``why`` says what failed)."""
+    if not b.present:
+        return no_behaviour(claim, evidence, b, cfg)
+    return verdict(claim, evidence, "inconclusive", f"Cannot be judged without a refusal direction: {why}.",
+                   result="phase5/direction", reason=why)
 
 
 def overall(claim: str, lines: list[Verdict]) -> Verdict:

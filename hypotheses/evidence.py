@@ -50,7 +50,11 @@ def harmless(pairs: Sequence[Pair]) -> list[str]:
 
 @dataclass(frozen=True, kw_only=True)
 class Judged:
-    """Refusal of each prompt under one condition: flags, scores and (generate judge) the texts."""
+    """Refusal of each prompt under one condition: flags, scores and (generate judge) the texts.
+
+    A degenerate answer (no letter or digit: :func:`instruments.behavior.is_degenerate`) is
+    neither refused nor complied with; its flags and rate stand beside the refusal ones.
+    """
 
     refused: Bool[np.ndarray, "prompt"]
     scores: Float[np.ndarray, "prompt"]
@@ -59,6 +63,17 @@ class Judged:
     @property
     def rate(self) -> float:
         return float(self.refused.mean()) if self.refused.size else float("nan")
+
+    @property
+    def degenerate(self) -> Bool[np.ndarray, "prompt"]:
+        # the first_token judge writes no text (texts is empty): under it nothing is degenerate
+        if not self.texts:
+            return np.zeros(self.refused.shape, dtype=bool)
+        return np.array([behavior.is_degenerate(t) for t in self.texts], dtype=bool)
+
+    @property
+    def degenerate_rate(self) -> float:
+        return float(self.degenerate.mean()) if self.refused.size else float("nan")
 
 
 def judge(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg: RefusalConfig, *,
@@ -71,6 +86,7 @@ def judge(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg: RefusalCon
     if cfg.judge == "first_token":
         logits = behavior.last_logits(handle, prompts, batch_size=cfg.batch_size, fwd_hooks=hooks)
         refused = (refusal_prob(logits, tokens) > compliance_prob(logits, tokens)).numpy()
+        # no text, so no answer is degenerate: every prompt is refused or complied with
         return Judged(refused=refused, scores=refusal_score(logits, tokens).numpy().astype(np.float64), texts=())
     gen = behavior.generate(handle, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                             fwd_hooks=hooks)
@@ -194,6 +210,8 @@ class Ranking:
     ci_low: Float[np.ndarray, "component"]
     ci_high: Float[np.ndarray, "component"]
     atp: Float[np.ndarray, "component"]  # AtP estimate on the same normalized scale
+    positions: int | None = None  # patched at the last N positions (None: every position)
+    n_pairs: int = 0
 
     def top(self, k: int) -> tuple[Component, ...]:
         return self.components[:k]
@@ -210,9 +228,37 @@ class Ranking:
                                                 self.atp))[:k]]
 
 
-def patch_spec(cfg: RefusalConfig, *, direction: str = "denoising", layers: tuple[int, ...] | None = None,
+def window(handle, cfg: RefusalConfig) -> int | None:
+    """Where the study patches and mean-ablates: the last N (post-instruction) positions, or None (all).
+
+    The post-instruction tokens are the same in every prompt, so a patch there splices like
+    into like whatever the pair's lengths (Arditi et al. 2024 search the same positions).
+    """
+    from instruments.positions import post_instruction_length
+
+    return post_instruction_length(handle) if cfg.patch_positions == "post-instruction" else None
+
+
+def positions_label(positions: int | None) -> str:
+    """How a record names the positions a sweep used."""
+    return "all" if positions is None else f"post-instruction (last {positions})"
+
+
+def aligned(handle, pairs: Sequence[Pair], cfg: RefusalConfig) -> tuple[Pair, ...]:
+    """The pairs the configured positions correspond on: all of them for post-instruction
+    patching; for every-position patching only those of equal token length."""
+    if window(handle, cfg) is not None:
+        return tuple(pairs)
+    from instruments.positions import same_length
+
+    keep = same_length(handle, harmful(pairs), harmless(pairs))
+    return tuple(p for p, k in zip(pairs, keep.tolist()) if k)
+
+
+def patch_spec(handle, cfg: RefusalConfig, *, direction: str = "denoising", layers: tuple[int, ...] | None = None,
                kl: bool = False) -> PatchSpec:
-    return PatchSpec(direction=direction, max_batch=cfg.max_batch, layers=layers, kl=kl)
+    return PatchSpec(direction=direction, max_batch=cfg.max_batch, layers=layers, kl=kl,
+                     positions=window(handle, cfg))
 
 
 def head_patching(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig, *,
@@ -224,14 +270,14 @@ def head_patching(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: Ref
     two unpatched runs.
     """
     return patch_heads(handle, harmful(pairs), harmless(pairs), metric_for(tokens),
-                       patch_spec(cfg, direction=direction, layers=layers), runs=runs)
+                       patch_spec(handle, cfg, direction=direction, layers=layers), runs=runs)
 
 
 def head_runs(handle, pairs: Sequence[Pair], cfg: RefusalConfig, *, direction: str = "denoising") -> PatchRuns:
     """The unpatched runs of :func:`head_patching` on ``pairs``, for every layer."""
     from instruments.patching import head_runs as make
 
-    return make(handle, harmful(pairs), harmless(pairs), patch_spec(cfg, direction=direction))
+    return make(handle, harmful(pairs), harmless(pairs), patch_spec(handle, cfg, direction=direction))
 
 
 def rank_heads(exact: PatchResult, atp_heads: Float[torch.Tensor, "layer head"] | None,
@@ -244,7 +290,7 @@ def rank_heads(exact: PatchResult, atp_heads: Float[torch.Tensor, "layer head"] 
     order = np.argsort(-value, kind="stable")
     heads = [Head(layer=int(exact.layers[i // n_heads]), head=int(i % n_heads)) for i in order]
     return Ranking(components=tuple(heads), effect=value[order], ci_low=lo[order], ci_high=hi[order],
-                   atp=atp[order])
+                   atp=atp[order], positions=exact.positions, n_pairs=exact.n_pairs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,7 +305,7 @@ class AtpScan:
 def atp_scan(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
              direction: str = "denoising") -> AtpScan:
     atp = attribution_patch(handle, harmful(pairs), harmless(pairs), metric_for(tokens),
-                            patch_spec(cfg, direction=direction), neurons=True)
+                            patch_spec(handle, cfg, direction=direction), neurons=True)
     return AtpScan(heads=atp.normalized(atp.heads), neurons=atp.normalized(atp.neurons), heads_per_prompt=atp.heads)
 
 
@@ -271,20 +317,21 @@ def rank_neurons(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: Refu
     d_mlp = scan.neurons.shape[1]
     top = torch.topk(flat.abs(), min(k, flat.numel())).indices.tolist()
     neurons = [Neuron(layer=i // d_mlp, index=i % d_mlp) for i in top]
-    exact = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), neurons, patch_spec(cfg))
+    exact = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), neurons,
+                             patch_spec(handle, cfg))
     value, lo, hi = normalized_with_ci(exact.metric.double().numpy(), exact.base.double().numpy(),
                                        exact.source.double().numpy(), cfg, salt=1)
     atp = flat[top].double().numpy()
     order = np.argsort(-value, kind="stable")
     return Ranking(components=tuple(neurons[i] for i in order), effect=value[order], ci_low=lo[order],
-                   ci_high=hi[order], atp=atp[order])
+                   ci_high=hi[order], atp=atp[order], positions=exact.positions, n_pairs=exact.n_pairs)
 
 
 def joint_patch(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
                 components: Sequence[Component], *, direction: str = "denoising") -> stats.Estimate:
     """Normalized effect of patching ``components`` together (one group), with a bootstrap CI."""
     res = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), [tuple(components)],
-                           patch_spec(cfg, direction=direction))
+                           patch_spec(handle, cfg, direction=direction))
     metric, base, source = (x.double().numpy() for x in (res.metric[0], res.base, res.source))
     idx = boot_index(base.size, cfg, salt=2)
     with np.errstate(all="ignore"):
@@ -309,6 +356,17 @@ class Condition:
     mcnemar: stats.McNemarResult
     kl_harmless: float | None = None
     answer_ce_increase: float | None = None
+    method: str = "mean"
+    positions: int | None = None  # the last N prompt positions were ablated (None: every position)
+
+    @property
+    def degenerate_rate_baseline(self) -> float:
+        return self.baseline.degenerate_rate
+
+    @property
+    def degenerate_rate_ablated(self) -> float:
+        """Share of answers the ablation left with no letter or digit: a broken model's, not refusals."""
+        return self.ablated.degenerate_rate
 
 
 def relative_drop(before: np.ndarray, after: np.ndarray, cfg: RefusalConfig, salt: int = 3) -> stats.Estimate:
@@ -344,6 +402,18 @@ def harmless_reference(handle, prompts: Sequence[str], answers: Sequence[str], c
                              answer_ce=scores.cross_entropy)
 
 
+def ablation_spec(handle, cfg: RefusalConfig, components: Sequence[Component], *,
+                  method: str = "mean") -> AblationSpec:
+    """The study's ablation: components where the study patches them (the intervention that
+    found them, Hanna et al. 2024), each position from its own reference position; a
+    direction removed at every position, generated ones included (Arditi et al. 2024)."""
+    from instruments.components import Direction
+
+    everywhere = any(isinstance(c, Direction) for c in components)
+    return AblationSpec(method=method, batch_size=cfg.batch_size,
+                        positions=None if everywhere else window(handle, cfg))
+
+
 def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg: RefusalConfig, *,
                      name: str, components: Sequence[Component], baseline: Judged,
                      reference: Sequence[str] | ReferenceActivations,
@@ -360,8 +430,8 @@ def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg:
     from instruments.ablation import answer_scores
     from instruments.metrics import kl_divergence
 
-    hooks = ablation_hooks(handle, list(components), spec=AblationSpec(method=method, batch_size=cfg.batch_size),
-                           reference=reference if method != "zero" else None)
+    spec = ablation_spec(handle, cfg, components, method=method)
+    hooks = ablation_hooks(handle, list(components), spec=spec, reference=reference if method != "zero" else None)
     ablated = judge(handle, prompts, tokens, cfg, hooks=hooks)
     kl = ce = None
     if harmless is not None:
@@ -377,7 +447,7 @@ def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg:
                      ablated=ablated, relative_drop=relative_drop(baseline.refused, ablated.refused, cfg),
                      mcnemar=stats.mcnemar(baseline.refused, ablated.refused, alpha=cfg.alpha,
                                            n_boot=cfg.n_bootstrap, seed=cfg.seed),
-                     kl_harmless=kl, answer_ce_increase=ce)
+                     kl_harmless=kl, answer_ce_increase=ce, method=method, positions=spec.positions)
 
 
 def random_heads(n_layers: int, n_heads: int, k: int, *, exclude: Sequence[Component], seed: int) -> tuple[Head, ...]:
@@ -400,3 +470,75 @@ def random_neurons(layers: Sequence[int], d_mlp: int, k: int, *, exclude: Sequen
                 out.append(n)
                 break
     return tuple(out[:k])
+
+
+# ----------------------------------------------------------------------------- circuit faithfulness
+
+@dataclass(frozen=True, kw_only=True)
+class Faithfulness:
+    """How much of the refusal score a circuit keeps by itself, beside size-matched random circuits.
+
+    F = (m(circuit alone) - m(harmless)) / (m(harmful) - m(harmless)) on held-out pairs: the
+    harmful prompt runs with every head and neuron outside the circuit patched from its
+    harmless analogue at the study's positions, the intervention that found the circuit
+    (Wang et al. 2022; Hanna et al. 2024). 1 = the circuit alone keeps all of refusal, 0 =
+    no more than the harmless run. ``random`` is the mean F of ``n_random`` random circuits
+    with the same number of heads and neurons in the same layers; ``difference`` is
+    F - mean random F, with a paired bootstrap over prompts.
+    """
+
+    circuit: tuple[Component, ...]
+    value: stats.Estimate
+    random: stats.Estimate
+    difference: stats.Estimate
+    n_random: int
+    positions: int | None
+    n_pairs: int
+    score_harmful: float
+    score_harmless: float
+    score_circuit: float
+
+
+def matched_random_circuit(handle, circuit: Sequence[Component], *, seed: int) -> tuple[Component, ...]:
+    """Random heads and neurons, one per circuit component and in its layer, none in the circuit."""
+    rng = np.random.default_rng(seed)
+    taken = set(circuit)
+    out: list[Component] = []
+    for c in circuit:
+        for _ in range(1000):
+            pick: Component = (Head(layer=c.layer, head=int(rng.integers(handle.n_heads))) if isinstance(c, Head)
+                               else Neuron(layer=c.layer, index=int(rng.integers(handle.d_mlp))))
+            if pick not in taken:
+                break
+        else:  # the layer is the circuit's: any layer will do
+            pick = Head(layer=int(rng.integers(handle.n_layers)), head=int(rng.integers(handle.n_heads)))
+        taken.add(pick)
+        out.append(pick)
+    return tuple(out)
+
+
+def faithfulness(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
+                 circuit: Sequence[Component], *, n_random: int = 20) -> Faithfulness:
+    from instruments.patching import patch_complement
+
+    circuit = tuple(c for c in circuit if isinstance(c, (Head, Neuron)))
+    randoms = [matched_random_circuit(handle, circuit, seed=cfg.seed + 100 + i) for i in range(n_random)]
+    res = patch_complement(handle, harmful(pairs), harmless(pairs), metric_for(tokens), [circuit, *randoms],
+                           patch_spec(handle, cfg, direction="noising"))
+    metric = res.metric.double().numpy()  # [1 + n_random, prompt]
+    clean, corrupted = res.clean.double().numpy(), res.corrupted.double().numpy()
+
+    def f(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:  # rows [g, P], idx [B, P] -> [g, B]
+        lo, hi = corrupted[idx].mean(-1), clean[idx].mean(-1)
+        return (rows[:, idx].mean(-1) - lo) / (hi - lo)
+
+    full = np.arange(clean.size)[None]
+    idx = boot_index(clean.size, cfg, salt=50)
+    with np.errstate(all="ignore"):
+        point, boot = f(metric, full)[:, 0], f(metric, idx)
+    own = boot_estimate(point[0], boot[0], cfg, clean.size)
+    rand = boot_estimate(point[1:].mean(), boot[1:].mean(0), cfg, clean.size)
+    diff = boot_estimate(point[0] - point[1:].mean(), boot[0] - boot[1:].mean(0), cfg, clean.size)
+    return Faithfulness(circuit=circuit, value=own, random=rand, difference=diff, n_random=n_random,
+                        positions=res.positions, n_pairs=res.n_pairs, score_harmful=float(clean.mean()),
+                        score_harmless=float(corrupted.mean()), score_circuit=float(metric[0].mean()))

@@ -11,16 +11,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 
 from fixtures.config import RefusalConfig
 from fixtures.data import Pair
 from hypotheses.evidence import atp_scan, boot_estimate, boot_index, harmful, harmless, percentile
 from instruments import behavior, stats
 from instruments.ablation import AblationSpec, ReferenceActivations, ablation_hooks
-from instruments.components import Head
+from instruments.components import Head, Pattern, hook_name
 from instruments.metrics import RefusalTokens, refusal_score
 from instruments.patching import PatchResult
+from instruments.positions import Spans, spans
 
 
 def thirds(n_layers: int) -> tuple[range, range, range]:
@@ -35,35 +36,44 @@ def thirds(n_layers: int) -> tuple[range, range, range]:
 def keyword_attention(handle, pairs: Sequence[Pair], cfg: RefusalConfig) -> Float[np.ndarray, "prompt layer"]:
     """How strongly the last position attends to a harmful prompt's *keywords*, per layer.
 
-    Keywords are the tokens of the harmful prompt that its harmless analogue lacks (the
-    pairs share their form, so what differs is the harmful content). The score is the
-    attention mass from the last position onto them (the most keyword-focused head of the
-    layer), divided by the share of the prompt's tokens they make up: 1 = no focus.
-    Prompts whose pair differs in no token are left out.
+    Keywords are the tokens of the harmful prompt's user message that its harmless
+    analogue's message lacks (:func:`keyword_mask`; the pairs share their form, so what
+    differs is the harmful content). The score is the attention mass from the last
+    position onto them (the most keyword-focused head of the layer), divided by the share
+    of the prompt's real tokens they make up: 1 = no focus. Prompts whose pair differs in
+    no token are left out.
     """
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(handle.n_layers)]
+    names = [hook_name(Pattern(layer=layer)) for layer in range(handle.n_layers)]
     rows = []
     for chunk in behavior.batches(list(pairs), cfg.batch_size):
-        ids, mask = handle.encode(harmful(chunk))
-        other, _ = handle.encode(harmless(chunk))
-        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
-        for b, pair in enumerate(chunk):
-            real = mask[b].bool()
-            keep = set(other[b][_mask_of(handle, other[b])].tolist())
-            key = torch.tensor([bool(real[j]) and int(ids[b, j]) not in keep for j in range(ids.shape[1])])
-            if key.sum() == 0:
+        harm, benign = spans(handle, harmful(chunk)), spans(handle, harmless(chunk))
+        keys = keyword_mask(harm, benign)
+        _, cache = handle.bridge.run_with_cache(harm.ids, attention_mask=harm.mask, names_filter=lambda n: n in names)
+        for b in range(len(chunk)):
+            key = keys[b]
+            if not key.any():
                 continue
-            share = float(key.sum()) / float(real.sum())
-            per_layer = [float(cache[n][b, :, -1, :][:, key].sum(-1).max()) / share for n in names]
-            rows.append(per_layer)
+            share = float(key.sum()) / float(harm.mask[b].sum())
+            rows.append([float(cache[n][b, :, -1, key].sum(-1).max()) / share for n in names])
     if not rows:
         return np.zeros((0, handle.n_layers))
     return np.asarray(rows, dtype=np.float64)
 
 
-def _mask_of(handle, ids: torch.Tensor) -> torch.Tensor:
-    pad = handle.tokenizer.pad_token_id
-    return ids != pad if pad is not None else torch.ones_like(ids, dtype=torch.bool)
+def keyword_mask(harmful_spans: Spans, harmless_spans: Spans) -> Bool[torch.Tensor, "batch pos"]:
+    """Per pair, the harmful prompt's user-message tokens whose ids its harmless analogue's message lacks.
+
+    Both sides come from the user-message spans (located through the chat template), so
+    template tokens and padding never count, whatever the pad id is.
+    """
+    if harmful_spans.ids.shape[0] != harmless_spans.ids.shape[0]:
+        raise ValueError(f"{harmful_spans.ids.shape[0]} harmful and {harmless_spans.ids.shape[0]} harmless prompts: "
+                         "keywords need one harmless analogue per harmful prompt")
+    keys = torch.zeros_like(harmful_spans.user)
+    for b in range(harmful_spans.ids.shape[0]):
+        other = harmless_spans.ids[b][harmless_spans.user[b]].to(harmful_spans.ids.device)
+        keys[b] = harmful_spans.user[b] & ~torch.isin(harmful_spans.ids[b], other)
+    return keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,8 +192,11 @@ class CrossCategory:
 
 def cross_category(handle, find: dict[str, Sequence[Pair]], evaluate: dict[str, Sequence[Pair]],
                    tokens: RefusalTokens, cfg: RefusalConfig, *,
-                   reference: Sequence[str] | ReferenceActivations) -> CrossCategory:
-    """Top heads per category by AtP on its ``find`` pairs; mean-ablation effects on every ``evaluate`` set."""
+                   reference: Sequence[str] | ReferenceActivations, positions: int | None) -> CrossCategory:
+    """Top heads per category by AtP on its ``find`` pairs; mean-ablation effects on every ``evaluate`` set.
+
+    The ablation is the study's (``positions``: the last N prompt positions, each from its own
+    reference position), so H3 ablates the way the heads were found."""
     categories = tuple(sorted(find))
     heads: dict[str, tuple[Head, ...]] = {}
     for c in categories:
@@ -199,8 +212,8 @@ def cross_category(handle, find: dict[str, Sequence[Pair]], evaluate: dict[str, 
         gap[b] = float(base[b].mean() - benign.mean())
     per: dict[str, dict[str, np.ndarray]] = {}
     for a in categories:
-        hooks = ablation_hooks(handle, list(heads[a]), spec=AblationSpec(method="mean", batch_size=bs),
-                               reference=reference)
+        hooks = ablation_hooks(handle, list(heads[a]), spec=AblationSpec(method="mean", batch_size=bs,
+                                                                         positions=positions), reference=reference)
         per[a] = {}
         for b in categories:
             ablated = refusal_score(behavior.last_logits(handle, harmful(evaluate[b]), batch_size=bs,

@@ -128,17 +128,29 @@ class Study:
         """How many heads H1 may use: the top h1_fraction of all heads (at least one)."""
         return max(1, math.floor(self.cfg.h1_fraction * self.n_heads_total))
 
+    @property
+    def window(self) -> int | None:
+        """The positions every patch and mean ablation uses: the last N (post-instruction), or None (all)."""
+        return ev.window(self.handle, self.cfg)
+
     @stage
     def train_pairs(self) -> tuple[Pair, ...]:
-        return balanced(self.data.train, self.cfg.patch_pairs)
+        return balanced(ev.aligned(self.handle, self.data.train, self.cfg), self.cfg.patch_pairs)
+
+    @stage
+    def test_pairs(self) -> tuple[Pair, ...]:
+        """The test pairs patching is scored on (every-position patching: those of equal token length)."""
+        return ev.aligned(self.handle, self.data.test, self.cfg)
 
     @stage
     def reference(self) -> ReferenceActivations:
         """Mean-ablation statistics over harmless TRAIN prompts (disjoint from every evaluated prompt),
-        at every head's z and every MLP's neurons, taken once: each ablation reuses them."""
+        at every head's z and every MLP's neurons, per position of the study's window, taken once:
+        each ablation reuses them."""
         names = [hook_name(Head(layer=layer, head=0)) for layer in range(self.handle.n_layers)]
         names += [hook_name(Neuron(layer=layer, index=0)) for layer in range(self.handle.n_layers)]
-        return reference_activations(self.handle, ev.harmless(self.data.train), names, batch_size=self.cfg.batch_size)
+        return reference_activations(self.handle, ev.harmless(self.data.train), names, positions=self.window,
+                                     batch_size=self.cfg.batch_size)
 
     # ------------------------------------------------------------------ stages
     @stage
@@ -173,7 +185,7 @@ class Study:
 
     @stage
     def h1_joint(self) -> stats.Estimate:
-        return ev.joint_patch(self.handle, self.data.test, self.tokens, self.cfg, self.ranking.top(self.k_h1))
+        return ev.joint_patch(self.handle, self.test_pairs, self.tokens, self.cfg, self.ranking.top(self.k_h1))
 
     @stage
     def harmless_reference(self) -> ev.HarmlessReference:
@@ -198,6 +210,11 @@ class Study:
     @stage
     def circuit_ablation(self) -> ev.Condition:
         return self.ablate("heads + neurons", self.circuit)
+
+    @stage
+    def faithfulness(self) -> ev.Faithfulness:
+        """The circuit (heads + neurons) alone on the test pairs, beside size-matched random circuits."""
+        return ev.faithfulness(self.handle, self.test_pairs, self.tokens, self.cfg, self.circuit)
 
     @stage
     def attention_flow(self) -> gradients.AttentionFlow:
@@ -228,22 +245,38 @@ class Study:
 
     @stage
     def direction(self):
-        """(candidates, selection): candidates from all train pairs, selection on up to 8 val pairs.
+        """(candidates, selection): candidates from all train pairs at every post-instruction position
+        (or the last ``direction_positions``), selection on every val pair (Arditi et al. 2024).
 
-        Selection runs three forward passes per (position, layer) candidate, the costliest
-        step of the study on a CPU; 8 balanced val pairs keep it to minutes.
+        Selection scores each (position, layer) candidate on every val prompt three ways,
+        several candidates per forward pass; it is the costliest step of the study on a CPU.
         """
+        from fixtures.data import require_size
+
         cfg = self.cfg
-        spec = DirectionSpec(n_positions=cfg.direction_positions, kl_threshold=cfg.direction_kl,
+        require_size(self.data.val, cfg.direction_val_pairs,
+                     what="val pairs for selecting the refusal direction (--refusal-direction-val-pairs)")
+        spec = DirectionSpec(n_positions=cfg.direction_positions or None, kl_threshold=cfg.direction_kl,
                              induce_threshold=cfg.direction_induce, prune_layer_fraction=cfg.direction_prune,
-                             batch_size=cfg.batch_size)
-        val = balanced(self.data.val, 8)
+                             batch_size=cfg.batch_size, max_rows=cfg.max_batch)
+        val = self.data.val
         return find_refusal_direction(self.handle, harmful_train=ev.harmful(self.data.train),
                                       harmless_train=ev.harmless(self.data.train), harmful_val=ev.harmful(val),
                                       harmless_val=ev.harmless(val), tokens=self.tokens, spec=spec)
 
     @stage
+    def direction_unusable(self) -> str | None:
+        """Why no verdict may rest on the refusal direction (None: it passed selection)."""
+        n, need = len(self.data.val), self.cfg.direction_val_pairs
+        if n < need:
+            return (f"the dataset has {n} val pairs, fewer than the {need} the selection needs "
+                    "(--refusal-direction-val-pairs)")
+        return d.failed_selection(self.direction[1])
+
+    @stage
     def refusal_direction(self) -> Direction:
+        """The selected direction; when none passed the filters, the best failing candidate (phase 5
+        records it, flagged): verdicts consult :attr:`direction_unusable` before using it."""
         return self.direction[1].direction
 
     @stage
@@ -278,7 +311,7 @@ class Study:
         from instruments.patching import patch_attn_out, patch_mlp_out
 
         args = (self.handle, ev.harmful(self.train_pairs), ev.harmless(self.train_pairs), ev.metric_for(self.tokens),
-                ev.patch_spec(self.cfg))
+                ev.patch_spec(self.handle, self.cfg))
         return patch_attn_out(*args), patch_mlp_out(*args)
 
     @stage
@@ -290,9 +323,10 @@ class Study:
     def cross_category(self) -> st.CrossCategory:
         find = {c: self.data.category(c, "train") for c in self.data.categories}
         evaluate = {c: self.data.category(c, "val", "test") for c in self.data.categories}
-        find = {c: balanced(v, min(8, self.cfg.patch_pairs)) for c, v in find.items() if v and evaluate[c]}
+        find = {c: balanced(ev.aligned(self.handle, v, self.cfg), min(8, self.cfg.patch_pairs))
+                for c, v in find.items() if v and evaluate[c]}
         return st.cross_category(self.handle, find, {c: evaluate[c] for c in find}, self.tokens, self.cfg,
-                                 reference=self.reference)
+                                 reference=self.reference, positions=self.window)
 
     @stage
     def category_similarity(self) -> tuple[np.ndarray, stats.Estimate]:
@@ -312,15 +346,19 @@ class Study:
 
     def h2_verdicts(self) -> list[Verdict]:
         b = self.behaviour
-        lines = [d.h2_attention(self.keyword_profile, b, self.cfg), d.h2_direction(self.accumulation, b, self.cfg),
-                 d.h2_patching(self.depth, b, self.cfg)]
+        unusable = self.direction_unusable if b.present else None
+        direction = (d.no_direction("H2", "direction", unusable, b, self.cfg) if unusable
+                     else d.h2_direction(self.accumulation, b, self.cfg))
+        lines = [d.h2_attention(self.keyword_profile, b, self.cfg), direction, d.h2_patching(self.depth, b, self.cfg)]
         lines = d.with_holm(lines, self.cfg.alpha)
         return lines + [d.overall("H2", lines)]
 
     def h3_verdicts(self) -> list[Verdict]:
         b = self.behaviour
         lines = d.h3_categories(self.cross_category, b, self.cfg)
-        lines.append(d.h3_direction(self.category_similarity[1], b, self.cfg))
+        unusable = self.direction_unusable if b.present else None
+        lines.append(d.no_direction("H3", "direction", unusable, b, self.cfg) if unusable
+                     else d.h3_direction(self.category_similarity[1], b, self.cfg))
         lines = d.with_holm(lines, self.cfg.alpha)
         return lines + [d.overall("H3", lines)]
 
@@ -376,6 +414,7 @@ class Study:
                 "localized_heads": [label(h) for h in self.localized_heads],
                 "localized_neurons": [label(n) for n in self.localized_neurons],
                 "direction": {"layer": self.direction[1].layer, "pos": self.direction[1].pos,
+                              "meets_thresholds": self.direction[1].meets_thresholds,
                               "vector": list(self.refusal_direction.vector)},
                 "cross_category": self.cross_category.matrix.tolist()}
 

@@ -29,11 +29,11 @@ def test_criterion(study, record_verdict, claim):
 
 def test_c3_reproducible(subject, study, recorder, record_verdict, refusal_tokens):
     """Rerun one measurement (AtP on two train pairs, which runs forward and backward) and compare bit for bit."""
-    from hypotheses.evidence import harmful, harmless, metric_for
+    from hypotheses.evidence import harmful, harmless, metric_for, patch_spec
 
     pairs = study.train_pairs[:2]
     runs = [patching.attribution_patch(subject, harmful(pairs), harmless(pairs), metric_for(refusal_tokens),
-                                       patching.PatchSpec(max_batch=study.cfg.max_batch)) for _ in range(2)]
+                                       patch_spec(subject, study.cfg)) for _ in range(2)]
     identical = torch.equal(runs[0].heads, runs[1].heads) and torch.equal(runs[0].neurons, runs[1].neurons)
     prov = recorder.manifest.get("provenance", {})
     missing = [k for k in ("versions", "git_commit", "utc_time", "machine") if not prov.get(k)]

@@ -45,13 +45,12 @@ def test_model_loads_at_quant(subject, refusal_config, recorder):
 
 def needed_hooks(n_layers: int) -> list[str]:
     """Every hook an instrument reads: component hooks, patterns, residual stream, embeddings."""
-    names = {"hook_embed"}
+    names = {C.hook_name(C.Embed())}
     for layer in range(n_layers):
         for kind in (C.Resid(layer=layer), C.AttnOut(layer=layer), C.MlpOut(layer=layer),
-                     C.Head(layer=layer, head=0), C.Neuron(layer=layer, index=0)):
+                     C.Head(layer=layer, head=0), C.Neuron(layer=layer, index=0), C.Pattern(layer=layer),
+                     C.ResidMid(layer=layer), C.ResidPost(layer=layer)):
             names.add(C.hook_name(kind))
-        names |= {f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.hook_resid_mid",
-                  f"blocks.{layer}.hook_resid_post"}
     return sorted(names)
 
 
@@ -63,14 +62,15 @@ def test_run_with_cache_and_every_hook_fires(subject, recorder):
     missing = [n for n in names if n not in cache]
     assert not missing, f"hooks that did not fire: {missing[:8]}"
     b, pos = ids.shape
-    assert cache["blocks.0.attn.hook_z"].shape == (b, pos, subject.n_heads, subject.d_head)
-    assert cache["blocks.0.mlp.hook_post"].shape == (b, pos, subject.d_mlp)
-    assert cache["blocks.0.attn.hook_pattern"].shape == (b, subject.n_heads, pos, pos)
+    assert cache[C.hook_name(C.Head(layer=0, head=0))].shape == (b, pos, subject.n_heads, subject.d_head)
+    assert cache[C.hook_name(C.Neuron(layer=0, index=0))].shape == (b, pos, subject.d_mlp)
+    assert cache[C.hook_name(C.Pattern(layer=0))].shape == (b, subject.n_heads, pos, pos)
     # A hook that edits an activation must change the output: hooks are live, not just observers.
     def zero(act, hook):
         return torch.zeros_like(act)
 
-    with torch.no_grad(), subject.bridge.hooks(fwd_hooks=[(f"blocks.{subject.n_layers - 1}.hook_mlp_out", zero)]):
+    last_mlp = C.hook_name(C.MlpOut(layer=subject.n_layers - 1))
+    with torch.no_grad(), subject.bridge.hooks(fwd_hooks=[(last_mlp, zero)]):
         edited = subject.bridge(ids, attention_mask=mask)
     assert not torch.allclose(edited, logits), "editing an activation through a hook had no effect"
     recorder.save("phase1/hooks", numbers={"n_hooks_checked": len(names), "quant": subject.quant})

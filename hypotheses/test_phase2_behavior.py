@@ -25,16 +25,17 @@ def test_refusal_and_compliance_rates(test_generations, recorder, refusal_config
         # the recorded flags are the classifier's verdicts on the recorded texts
         assert list(gen.refused) == [behavior.is_refusal(t) for t in gen.texts]
         assert len(gen.texts) == len(dataset.split("test"))
-        k = int(sum(gen.refused))
-        rate = stats.proportion_ci(k, len(gen.refused), alpha=refusal_config.alpha)
-        comply = stats.proportion_ci(len(gen.refused) - k, len(gen.refused), alpha=refusal_config.alpha)
-        out[side] = {"refusal_rate": rate.to_dict(), "compliance_rate": comply.to_dict(), "n": len(gen.refused)}
+        n, k, d = len(gen.refused), int(sum(gen.refused)), int(sum(gen.degenerate))
+        # refusal, compliance and degenerate (no letter or digit) partition the answers
+        rates = {name: stats.proportion_ci(count, n, alpha=refusal_config.alpha).to_dict()
+                 for name, count in (("refusal_rate", k), ("compliance_rate", n - k - d), ("degenerate_rate", d))}
+        out[side] = {**rates, "n": n}
     # A generation that produced nothing for every prompt would mean the generator is broken.
     assert sum(bool(t.strip()) for t in test_generations.harmless.texts) >= 0.5 * len(test_generations.harmless.texts)
     show = refusal_config.show_completions
-    examples = [{"prompt": p, "completion": t if show else t[:80], "refused": r}
-                for p, t, r in list(zip(test_generations.harmful.prompts, test_generations.harmful.texts,
-                                        test_generations.harmful.refused))[:10]]
+    examples = [{"prompt": p, "completion": t if show else t[:80], "refused": r, "degenerate": d}
+                for p, t, r, d in list(zip(test_generations.harmful.prompts, test_generations.harmful.texts,
+                                           test_generations.harmful.refused, test_generations.harmful.degenerate))[:10]]
     recorder.save("phase2/refusal_rates", numbers={**out, "examples_harmful": examples,
                                                    "completions_truncated": not show})
 

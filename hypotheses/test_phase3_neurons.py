@@ -17,7 +17,7 @@ import torch
 
 from hypotheses.evidence import harmful, harmless
 from instruments import behavior
-from instruments.components import Neuron, label, to_json
+from instruments.components import Neuron, hook_name, label, to_json
 
 pytestmark = [pytest.mark.phase3, pytest.mark.integration]
 
@@ -26,12 +26,12 @@ TOP_EXAMPLES = 5
 
 @torch.no_grad()
 def _last_position_acts(subject, prompts, neurons, batch_size) -> np.ndarray:
-    names = {f"blocks.{n.layer}.mlp.hook_post" for n in neurons}
+    names = {hook_name(n) for n in neurons}
     out = []
     for chunk in behavior.batches(prompts, batch_size):
         ids, mask = subject.encode(chunk)
         _, cache = subject.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
-        out.append(torch.stack([cache[f"blocks.{n.layer}.mlp.hook_post"][:, -1, n.index].float().cpu()
+        out.append(torch.stack([cache[hook_name(n)][:, -1, n.index].float().cpu()
                                 for n in neurons], 1))
     return torch.cat(out).numpy()  # [prompt, neuron]
 
@@ -39,14 +39,14 @@ def _last_position_acts(subject, prompts, neurons, batch_size) -> np.ndarray:
 @torch.no_grad()
 def _top_examples(subject, prompts, sides, neurons, batch_size) -> dict[Neuron, list[tuple]]:
     """The strongest activations of each neuron over every real token of every prompt."""
-    names = {f"blocks.{n.layer}.mlp.hook_post" for n in neurons}
+    names = {hook_name(n) for n in neurons}
     best: dict[Neuron, list[tuple]] = defaultdict(list)  # min-heaps of (activation, prompt, pos)
     start = 0
     for chunk in behavior.batches(prompts, batch_size):
         ids, mask = subject.encode(chunk)
         _, cache = subject.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
         for n in neurons:
-            act = cache[f"blocks.{n.layer}.mlp.hook_post"][..., n.index].float().cpu()
+            act = cache[hook_name(n)][..., n.index].float().cpu()
             act = act.masked_fill(~mask.bool().cpu(), -torch.inf)
             values, flat = torch.topk(act.reshape(-1), TOP_EXAMPLES)
             for v, f in zip(values.tolist(), flat.tolist()):

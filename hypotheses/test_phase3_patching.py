@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from hypotheses.evidence import harmful, harmless, head_patching, metric_for, patch_spec
+from hypotheses.evidence import harmful, harmless, head_patching, metric_for, patch_spec, positions_label
 from instruments import patching
-from instruments.components import label
+from instruments.components import Pattern, hook_name, label
 
 pytestmark = [pytest.mark.phase3, pytest.mark.integration]
 
@@ -31,10 +31,11 @@ def test_layer_component_patching(subject, study, recorder, refusal_tokens):
     # sweep's pairs keeps this sweep within minutes on a CPU (the head sweep carries the ranking).
     pairs, metric = study.train_pairs[: max(2, len(study.train_pairs) // 3)], metric_for(refusal_tokens)
     arrays, numbers = {}, {"positions": list(range(-N_POSITIONS, 0)), "n_pairs": len(pairs),
+                           "block_positions": positions_label(study.window),
                            "metric": "refusal score (log-odds of the refusal tokens)"}
     results = {}
     for direction in ("denoising", "noising"):
-        spec = patch_spec(study.cfg, direction=direction, kl=True)
+        spec = patch_spec(subject, study.cfg, direction=direction, kl=True)
         results[direction] = {
             "resid": patching.patch_resid(subject, harmful(pairs), harmless(pairs), metric, spec,
                                           n_positions=N_POSITIONS),
@@ -78,7 +79,7 @@ def test_head_ranking(subject, study, recorder, refusal_tokens, refusal_config):
     bar = refusal_config.head_effect
     recorder.save("phase3/heads", numbers={
         "ranking": ranking.rows(30), "atp_vs_exact_spearman": agreement.to_dict(), "n_heads": len(ranking.effect),
-        "n_pairs": len(study.train_pairs), "n_pairs_noising": int(noising.clean.shape[0]),
+        "n_pairs": ranking.n_pairs, "n_pairs_noising": noising.n_pairs, "positions": positions_label(ranking.positions),
         "heads_over_bar": int((ranking.effect > bar).sum()), "bar": bar},
         arrays={"exact.denoising": exact.normalized.float(), "exact.noising": noising.normalized.float(),
                 "atp.denoising": study.atp.heads.float(), "exact.denoising.per_prompt": exact.normalized_per_prompt.float()},
@@ -95,11 +96,11 @@ def test_top_head_attention_patterns(subject, study, recorder, dataset):
     arrays = {}
     for side in ("harmful", "harmless"):
         ids, mask = subject.encode([getattr(pair, side)])
-        names = {f"blocks.{h.layer}.attn.hook_pattern" for h in heads}
+        names = {hook_name(Pattern(layer=h.layer)) for h in heads}
         _, cache = subject.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
         numbers["tokens"][side] = [subject.tokenizer.decode([t]) for t in ids[0].tolist()]
         for h in heads:
-            pattern = cache[f"blocks.{h.layer}.attn.hook_pattern"][0, h.head].float().cpu()
+            pattern = cache[hook_name(Pattern(layer=h.layer))][0, h.head].float().cpu()
             # each query's attention is a distribution over keys
             torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[0]), atol=1e-4, rtol=0)
             arrays[f"{side}.{label(h)}"] = pattern

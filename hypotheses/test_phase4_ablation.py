@@ -31,6 +31,9 @@ def _row(c: Condition, alpha: float) -> dict:
             "method": "projection removed at every layer" if c.name.endswith("direction") else "mean (harmless train)",
             "refusal_rate_baseline": stats.proportion_ci(int(c.baseline.refused.sum()), n, alpha).to_dict(),
             "refusal_rate_ablated": stats.proportion_ci(int(c.ablated.refused.sum()), n, alpha).to_dict(),
+            # answers with no letter or digit: a broken model, counted apart from refusal and compliance
+            "degenerate_rate_baseline": stats.proportion_ci(int(c.baseline.degenerate.sum()), n, alpha).to_dict(),
+            "degenerate_rate_ablated": stats.proportion_ci(int(c.ablated.degenerate.sum()), n, alpha).to_dict(),
             "relative_drop": c.relative_drop.to_dict(), "mcnemar_p": c.mcnemar.p_value,
             "mcnemar_table": [list(r) for r in c.mcnemar.table],
             "refusal_score_baseline": float(np.mean(c.baseline.scores)),

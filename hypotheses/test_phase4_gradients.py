@@ -1,19 +1,22 @@
 """Phase 4.2, gradient attribution and its agreement with patching.
 
-Integrated gradients from the refusal score to the input tokens (with its completeness
-error), gradient x attention pattern per head, and gradient x activation per MLP neuron,
-each rank-correlated (Spearman, bootstrap CI) with the patching effects of the same
-components. The seed's cross-validation bar (r > 0.7) is decided in test_criteria (S1).
+Integrated gradients from the refusal score to the input tokens, each harmful prompt against
+its paired harmless prompt (completeness asserted within the method's bar), gradient x
+attention pattern per head, and gradient x activation per MLP neuron, each rank-correlated
+(Spearman, bootstrap CI) with the patching effects of the same components. The seed's
+cross-validation bar (r > 0.7) is decided in test_criteria (S1).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from hypotheses.evidence import harmful
-from instruments import gradients, stats
+from instruments import gradients, positions, stats
 from instruments.components import Neuron
 
 pytestmark = [pytest.mark.phase4, pytest.mark.integration]
@@ -21,23 +24,37 @@ pytestmark = [pytest.mark.phase4, pytest.mark.integration]
 N_IG_PROMPTS = 4
 
 
+def _aligned_first(handle, pairs, n):
+    """The first n pairs, those of equal token length first: their baseline is the exact harmless twin.
+
+    The blurred baseline of an unequal pair makes a rough path on SmolLM2 (one train pair left
+    141%, 103%, 9% completeness error at 32, 64, 128 Gauss-Legendre steps; an equal-length
+    pair 1e-4 at 32), so aligned pairs come first (in file order) and the others fill up.
+    """
+    same = positions.same_length(handle, [p.harmful for p in pairs], [p.harmless for p in pairs]).tolist()
+    order = sorted(range(len(pairs)), key=lambda i: not same[i])
+    return [pairs[i] for i in order[:n]]
+
+
 def test_gradient_attribution(subject, study, recorder, refusal_tokens, refusal_config):
     cfg = study.cfg
     prompts = harmful(study.train_pairs)
-    ig = gradients.integrated_gradients(subject, prompts[:N_IG_PROMPTS], refusal_tokens,
-                                        gradients.IGSpec(steps=cfg.ig_steps, batch_size=cfg.batch_size))
-    # Completeness: attributions sum to f(x) - f(baseline) up to the quadrature error, which is
-    # recorded (the report prints it next to the attributions) rather than asserted: on a
-    # 30-layer model the path from the zero embedding is far from linear, and 32 steps leave
-    # 10-50% (measured on the organism); --refusal-ig-steps buys accuracy with time. The
-    # identity itself is asserted on `tiny` (tests/test_gradients.py).
-    errors = ig.completeness_error[~ig.completeness_error.isnan()]
-    relative = float(errors.abs().max()) if errors.numel() else 0.0
+    chosen = _aligned_first(subject, list(study.train_pairs), N_IG_PROMPTS)
+    twins = tuple(p.harmless for p in chosen)
+    # The contrastive baseline (Sundararajan et al. 2017): what in the harmful request, against
+    # its harmless twin, moves the refusal score.
+    ig = gradients.integrated_gradients(subject, harmful(chosen), refusal_tokens, gradients.IGSpec(
+        steps=cfg.ig_steps, batch_size=cfg.batch_size, baseline=gradients.Baseline(kind="paired", prompts=twins)))
     assert torch.isfinite(ig.attributions).all(), "integrated gradients produced non-finite attributions"
-    assert (ig.completeness_abs >= 0).all()
+    completeness = ig.completeness_summary()
+    ig_record = {"baseline": {"kind": ig.baseline, "per_pair": list(ig.baselines),
+                              "counts": {k: ig.baselines.count(k) for k in sorted(set(ig.baselines))}},
+                 "completeness_error": completeness, "n_pairs": len(chosen)}
     examples = []
-    for prompt, ids, attr in zip(prompts[:N_IG_PROMPTS], ig.token_ids(), ig.per_prompt()):
-        examples.append({"prompt": prompt, "tokens": [subject.tokenizer.decode([t]) for t in ids.tolist()],
+    for pair, kind, err, ids, attr in zip(chosen, ig.baselines, completeness["per_prompt"], ig.token_ids(),
+                                          ig.per_prompt()):
+        examples.append({"prompt": pair.harmful, "harmless": pair.harmless, "baseline": kind,
+                         "completeness_error": err, "tokens": [subject.tokenizer.decode([t]) for t in ids.tolist()],
                          "attributions": [float(a) for a in attr]})
 
     alpha, n_boot, seed = refusal_config.alpha, refusal_config.n_bootstrap, refusal_config.seed
@@ -69,9 +86,17 @@ def test_gradient_attribution(subject, study, recorder, refusal_tokens, refusal_
     main = study.gradient_vs_patching  # what S1 is decided on: AtP vs exact heads
     assert abs(main.value - correlations[0]["estimate"]["value"]) < 1e-9
     recorder.save("phase4/gradients", numbers={
-        "ig_completeness_error": relative, "ig_steps": cfg.ig_steps, "ig_examples": examples,
+        "ig": ig_record, "ig_completeness_error": completeness["max"], "ig_steps": cfg.ig_steps,
+        "ig_examples": examples,
         "correlations": correlations, "gradient_r_bar": cfg.gradient_r, "met": bool(main.ci_low > cfg.gradient_r),
         "gradient_share_top_heads": study.gradient_share.to_dict(), "k_heads": study.k_h1}, arrays=arrays)
+    # Asserted after saving, so that a failing run's record shows the errors in the report.
+    per_pair = [(kind, round(err, 4)) for kind, err in zip(ig.baselines, completeness["per_prompt"])]
+    assert math.isfinite(completeness["max"]), "f(x) == f(x') for every IG pair: nothing to attribute"
+    assert completeness["within_bar"], (
+        f"integrated gradients are not complete: relative error max {completeness['max']:.3g}, median "
+        f"{completeness['median']:.3g} > {completeness['bar']:.0%} (Sundararajan et al. 2017) at {cfg.ig_steps} "
+        f"steps; per pair {per_pair}. Raise --refusal-ig-steps")
 
 
 def _t(x):

@@ -2,14 +2,15 @@
 
 Nodes are the top heads (exact patching, train) and the top neurons of the catalogue,
 weighted by their causal effect, plus the output ("refusal"). An edge u -> v (u upstream
-of v) is weighted by how much mean-ablating u moves v's activation at the last position
-on held-out harmful prompts (relative change): a direct causal dependency between
-components, measured with one forward pass per upstream node.
+of v) is weighted by how much mean-ablating u (the study's ablation: its positions, each
+from its own reference position) moves v's activation at the last position on held-out
+harmful prompts (relative change): a direct causal dependency between components,
+measured with one forward pass per upstream node.
 
-Faithfulness is the share of the refusal score the circuit keeps on its own:
-F = (m(circuit) - m(none)) / (m(full) - m(none)), where m(circuit) mean-ablates every
-attention head outside the circuit, and m(none) every head (MLPs intact in both, so F is
-about the heads' share; the circuit's neurons enter the graph but not this ablation).
+Faithfulness (``Study.faithfulness``, Wang et al. 2022; Hanna et al. 2024) is the share of
+the refusal score the circuit -- its heads and neurons -- keeps by itself on the test pairs,
+with every other head and neuron patched from the harmless analogue at the positions the
+circuit was found at, beside size-matched random circuits.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from hypotheses.evidence import boot_estimate, boot_index, harmful
+from hypotheses.evidence import ablation_spec, harmful, positions_label
 from instruments import behavior
-from instruments.ablation import AblationSpec, ablation_hooks
-from instruments.components import Head, Neuron, all_heads, label
-from instruments.metrics import refusal_score
+from instruments.ablation import ablation_hooks
+from instruments.components import Head, Neuron, hook_name, label
 
 pytestmark = [pytest.mark.phase5, pytest.mark.integration]
 
@@ -34,8 +34,7 @@ N_PROMPTS = 12
 
 
 def _site(c) -> tuple[str, int]:
-    return (f"blocks.{c.layer}.attn.hook_z", c.head) if isinstance(c, Head) else \
-        (f"blocks.{c.layer}.mlp.hook_post", c.index)
+    return hook_name(c), (c.head if isinstance(c, Head) else c.index)
 
 
 @torch.no_grad()
@@ -71,7 +70,7 @@ def _dot(graph: nx.DiGraph) -> str:
     return "\n".join(lines + ["}"])
 
 
-def test_circuit_graph_and_faithfulness(subject, study, recorder, refusal_tokens, refusal_config):
+def test_circuit_graph_and_faithfulness(subject, study, recorder):
     cfg = study.cfg
     heads = list(study.ranking.top(cfg.top_heads))
     neurons = [n for n in study.neurons.top(N_NEURONS) if isinstance(n, Neuron)]
@@ -79,7 +78,7 @@ def test_circuit_graph_and_faithfulness(subject, study, recorder, refusal_tokens
     effect = {c: float(e) for c, e in zip(study.ranking.components, study.ranking.effect)}
     effect.update({c: float(e) for c, e in zip(study.neurons.components, study.neurons.effect)})
     prompts = harmful(study.data.test)[:N_PROMPTS]
-    bs, spec = cfg.batch_size, AblationSpec(method="mean", batch_size=cfg.batch_size)
+    bs, spec = cfg.batch_size, ablation_spec(subject, cfg, nodes)
     clean = _activations(subject, prompts, nodes, (), bs)
     graph = nx.DiGraph()
     for c in nodes:
@@ -99,26 +98,21 @@ def test_circuit_graph_and_faithfulness(subject, study, recorder, refusal_tokens
             graph.add_edge(label(u), label(nodes[j]), weight=float(rel[j]), kind="ablation")
     assert nx.is_directed_acyclic_graph(graph), "edges only run downstream, so the circuit graph must be acyclic"
 
-    # Faithfulness: every head outside the circuit mean-ablated, vs every head ablated.
-    outside = [h for h in all_heads(subject.n_layers, subject.n_heads) if h not in set(heads)]
-    def score(hooks) -> np.ndarray:
-        return refusal_score(behavior.last_logits(subject, harmful(study.data.test), batch_size=bs, fwd_hooks=hooks),
-                             refusal_tokens).double().numpy()
-    full = score(())
-    only = score(ablation_hooks(subject, outside, spec=spec, reference=study.reference))
-    none = score(ablation_hooks(subject, all_heads(subject.n_layers, subject.n_heads), spec=spec,
-                                reference=study.reference))
-    value = (only.mean() - none.mean()) / (full.mean() - none.mean())
-    idx = boot_index(full.size, cfg, salt=50)
-    with np.errstate(all="ignore"):
-        boot = (only[idx].mean(1) - none[idx].mean(1)) / (full[idx].mean(1) - none[idx].mean(1))
-    faith = boot_estimate(value, boot, cfg, full.size)
+    faith = study.faithfulness
+    assert faith.n_pairs == len(study.test_pairs) and faith.n_random >= 10
+    assert all(np.isfinite([faith.score_harmful, faith.score_harmless, faith.score_circuit]))
     data = nx.node_link_data(graph, edges="edges")
     recorder.save("phase5/circuit", numbers={
         "nodes": [{"id": n, **a} for n, a in graph.nodes(data=True)],
         "edges": [{"source": u, "target": v, **a} for u, v, a in graph.edges(data=True)],
-        "faithfulness": faith.to_dict(), "refusal_score": {"full": float(full.mean()), "circuit_only": float(only.mean()),
-                                                           "all_heads_ablated": float(none.mean())},
+        "faithfulness": faith.value.to_dict(), "faithfulness_random": faith.random.to_dict(),
+        "faithfulness_vs_random": faith.difference.to_dict(), "n_random": faith.n_random,
+        "refusal_score": {"harmful": faith.score_harmful, "circuit_only": faith.score_circuit,
+                          "harmless": faith.score_harmless},
+        "positions": positions_label(faith.positions), "n_pairs": faith.n_pairs,
+        "n_heads": sum(isinstance(c, Head) for c in faith.circuit),
+        "n_neurons": sum(isinstance(c, Neuron) for c in faith.circuit),
         "dot": _dot(graph), "node_link": json.loads(json.dumps(data)),
-        "ablated_outside": f"all {len(outside)} attention heads outside the circuit, mean-ablated (MLPs intact)"},
+        "intervention": "every head and MLP neuron outside the circuit patched from the harmless analogue "
+                        f"({positions_label(faith.positions)} positions), on the harmful test prompts"},
         prompts=harmful(study.data.test))

@@ -3,7 +3,9 @@
 Candidates are harmful-minus-harmless mean differences at each post-instruction position
 and layer (TRAIN pairs); the direction is selected on VAL pairs by bypass (refusal left
 after ablating it), induce (refusal when adding it to harmless prompts) and KL on harmless
-prompts, never from the last ``--refusal-direction-prune`` share of layers. Steering is
+prompts, never from the last ``--refusal-direction-prune`` share of layers. When no candidate
+passes the filters, the best one is still recorded and steered, flagged by
+``meets_thresholds`` and ``unusable_reason``; no verdict uses it. Steering is
 then measured on TEST prompts: adding the direction to harmless prompts should induce
 refusal, ablating it from harmful prompts should remove it; each with rates, CIs and
 McNemar's p against the unsteered model.
@@ -18,6 +20,7 @@ import torch
 from hypotheses.evidence import harmful, harmless
 from instruments import stats
 from instruments.direction import resid_at
+from instruments.positions import post_instruction_length
 
 pytestmark = [pytest.mark.phase5, pytest.mark.integration]
 
@@ -39,17 +42,30 @@ def test_refusal_direction_and_steering(subject, study, recorder, refusal_config
     induce_test = stats.mcnemar(base_harmless, induced.refused, alpha=alpha, n_boot=refusal_config.n_bootstrap,
                                 seed=refusal_config.seed)
     positions = list(cands.positions)
+    # Arditi et al. (2024) search every post-instruction position and select on every val pair
+    assert sel.n_harmful == sel.n_harmless == len(study.data.val) >= refusal_config.direction_val_pairs
+    assert len(positions) == (refusal_config.direction_positions or post_instruction_length(subject))
     grids = {f"scores.{f}": sel.grid(f, positions, subject.n_layers) for f in ("bypass", "induce", "kl")}
+    best = sel.best
     recorder.save("phase5/direction", numbers={
         "layer": sel.layer, "pos": sel.pos, "method": sel.method, "meets_thresholds": sel.meets_thresholds,
-        "excluded_layers": list(sel.excluded_layers), "positions": positions, "scale": sel.scale,
+        "excluded_layers": list(sel.excluded_layers), "positions": positions, "n_pairs": sel.n_harmful,
+        "scale": sel.scale,
+        # the chosen candidate's own scores; with meets_thresholds False it is the best that failed
+        "chosen": {"bypass": best.bypass, "induce": best.induce, "kl": best.kl, "rejected": best.rejected},
+        "unusable_reason": study.direction_unusable,
         "baseline_score": {"harmful_val": sel.baseline_harmful, "harmless_val": sel.baseline_harmless},
         "steering": {
             "induce": {"baseline": _rate(base_harmless, alpha), "steered": _rate(induced.refused, alpha),
-                       "mcnemar_p": induce_test.p_value, "n": int(base_harmless.size)},
+                       "mcnemar_p": induce_test.p_value, "n": int(base_harmless.size),
+                       # answers with no letter or digit, beside the refusal rates (neither refusal nor compliance)
+                       "degenerate": {"baseline": _rate(study.behaviour.refused_harmless.degenerate, alpha),
+                                      "steered": _rate(induced.degenerate, alpha)}},
             "bypass": {"baseline": _rate(bypass.baseline.refused, alpha), "ablated": _rate(bypass.ablated.refused, alpha),
                        "mcnemar_p": bypass.mcnemar.p_value, "relative_drop": bypass.relative_drop.to_dict(),
-                       "n": int(bypass.baseline.refused.size)}},
+                       "n": int(bypass.baseline.refused.size),
+                       "degenerate": {"baseline": _rate(bypass.baseline.degenerate, alpha),
+                                      "ablated": _rate(bypass.ablated.degenerate, alpha)}}},
         "examples_induced": [{"prompt": p, "completion": t[:200]} for p, t in
                              list(zip(harmless(study.data.test), induced.texts))[:5]]},
         arrays={"direction": unit.float(), "projection.harmful": proj_h.float(), "projection.harmless": proj_s.float(),

@@ -2,20 +2,26 @@
 
 An ablation replaces what a component contributes with a value that carries no
 information about the current input: zero, the mean over a reference prompt set, or the
-value from a different (seeded) reference prompt. Every replacement is
-*position-independent* - one value per component (per batch row for resampling) that is
-written at every position - because ablations must also hold during KV-cached
-generation, where hooks see one new position per step and no reference prompt has an
-aligned counterpart of a generated position.
+value from a different (seeded) reference prompt. Where it writes is ``AblationSpec.positions``:
 
-Reference statistics (mean / resample) are taken over a window of each reference prompt:
-by default all non-pad positions (``AblationSpec.reference_positions=None``), so the mean
-is the average activation over the token distribution the hook will be asked to replace;
-pads are excluded because they are positions the model never attends from. With
-``reference_positions=k`` only the last k positions count: the post-instruction chat
-template, where every prompt has the same tokens and so the most comparable activations.
-The mean pools all (prompt, position) tokens; a resample uses one reference prompt's own
-window average (with k=1: that prompt's last-position activation, verbatim).
+* ``positions=N`` (position-aware): only the prompt's last N positions - with N the
+  post-instruction length (:func:`instruments.positions.post_instruction_length`), the
+  chat template's tokens after the user message - and each from the reference's value at
+  the *same* position counted from the end, where every reference prompt has the same
+  token. System prompt, instruction and generated tokens keep what the model computes.
+  This is the intervention the study's patching uses to find components, so a circuit is
+  verified with the intervention that found it (Hanna et al. 2024, "Have faith in
+  faithfulness"); one mean pooled over every position would write a value far off the
+  distribution of most positions.
+* ``positions=None``: one value per component written at every position, generated
+  ones included (zero ablation, or a mean pooled over all non-pad reference tokens);
+  what removing a direction everywhere needs (Arditi et al. 2024).
+
+Where the prompt ends in a forward pass is declared by the code that runs it
+(:func:`instruments.positions.prompt_end`: generation declares no prompt position in its
+KV-cached steps, answer scoring the end of each prompt before its answer); a forward
+over bare prompts needs no declaration. A resample takes one reference prompt's own
+values (with N=1: its last-position activation, verbatim).
 
 Hooks are grouped by hook point, so one hook per point edits all components living
 there; it clones the activation first, since the same tensor may be read elsewhere (the
@@ -40,6 +46,7 @@ from instruments.behavior import Generations, batches, generate, last_logits
 from instruments.components import (AttnOut, Component, Direction, Head, MlpOut, Neuron, Resid, hook_name,
                                     validate)
 from instruments.metrics import RefusalTokens, kl_divergence, refusal_score
+from instruments.positions import current_prompt_end, prompt_end
 
 Hook = tuple[str, Callable[[torch.Tensor, Any], torch.Tensor]]
 # An edit receives the hook's (already cloned) activation and returns the edited one.
@@ -59,10 +66,12 @@ class AblationSpec:
     ``direction_layers``: a :class:`Direction` is removed from the residual stream at every
     layer ("all", Arditi et al.) or only where it enters ``Direction.layer`` ("single").
     ``seed`` fixes which reference prompt each batch row receives when resampling.
+    ``positions``: the last N prompt positions, each from its own reference position (see
+    the module docstring), or None: every position, one value.
     """
 
     method: Literal["zero", "mean", "resample"] = "zero"
-    reference_positions: int | None = None
+    positions: int | None = None
     seed: int = 0
     direction_layers: Literal["all", "single"] = "all"
     batch_size: int = 16
@@ -71,8 +80,8 @@ class AblationSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise AblationError(f"unknown ablation method {self.method!r}; use one of {METHODS}")
-        if self.reference_positions is not None and self.reference_positions < 1:
-            raise AblationError("reference_positions must be None (all non-pad positions) or >= 1")
+        if self.positions is not None and (not isinstance(self.positions, int) or self.positions < 1):
+            raise AblationError(f"positions must be None (every position) or a positive int, got {self.positions!r}")
         if self.direction_layers not in ("all", "single"):
             raise AblationError("direction_layers must be 'all' or 'single'")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -97,10 +106,10 @@ def direction_sites(n_layers: int, *, layer: int | None = None) -> tuple[str, ..
     ``layer=L``: only the stream entering block L (later writes may re-introduce r).
     """
     if layer is not None:
-        return (f"blocks.{layer}.hook_resid_pre",)
+        return (hook_name(Resid(layer=layer)),)
     sites: list[str] = []
     for L in range(n_layers):
-        sites += [f"blocks.{L}.hook_resid_pre", f"blocks.{L}.hook_attn_out", f"blocks.{L}.hook_mlp_out"]
+        sites += [hook_name(Resid(layer=L)), hook_name(AttnOut(layer=L)), hook_name(MlpOut(layer=L))]
     return tuple(sites)
 
 
@@ -139,10 +148,11 @@ def hook_points(handle, components: Sequence[Component], *, spec: AblationSpec) 
 
 @dataclass(frozen=True, kw_only=True)
 class ReferenceActivations:
-    """Window-averaged activations of each reference prompt at the hooks an ablation edits.
+    """Activations of each reference prompt at the hooks an ablation edits, on the clean model.
 
-    ``per_prompt[name]`` is [prompt, *activation] (the mean over that prompt's window);
-    ``counts`` how many positions each prompt's window held. Taken on the clean model.
+    ``positions=None``: ``per_prompt[name]`` is [prompt, *activation], the mean over the
+    prompt's non-pad positions, and ``counts`` how many there were. ``positions=N``:
+    [prompt, N, *activation], the prompt's own activation at each of its last N positions.
     """
 
     prompts: tuple[str, ...]
@@ -151,40 +161,41 @@ class ReferenceActivations:
     counts: Float[torch.Tensor, "prompt"]
 
     def mean(self, name: str) -> Float[torch.Tensor, "..."]:
-        """Mean over all (prompt, position) tokens in the windows: longer prompts weigh more."""
+        """Mean over prompts: per position (``positions=N``: [N, *act]), or pooled over all
+        (prompt, position) tokens (None: longer prompts weigh more)."""
         acts = self.per_prompt[name]
+        if self.positions is not None:
+            return acts.mean(0)
         w = self.counts.reshape((-1,) + (1,) * (acts.dim() - 1)).to(acts.device)
         return (acts * w).sum(0) / w.sum()
-
-
-def window_mask(mask: torch.Tensor, positions: int | None) -> Bool[torch.Tensor, "batch pos"]:
-    """Non-pad positions, or the last ``positions`` of them (prompts are left-padded)."""
-    keep = mask.bool()
-    if positions is not None:
-        keep = keep & (torch.arange(mask.shape[1], device=mask.device) >= mask.shape[1] - positions)
-    return keep
 
 
 @torch.no_grad()
 def reference_activations(handle, prompts: Sequence[str], names: Sequence[str], *,
                           positions: int | None = None, batch_size: int = 16) -> ReferenceActivations:
-    """Per-prompt window means at ``names`` on the clean model (float32, on the model's device)."""
+    """Reference activations at ``names`` on the clean model (float32, on the model's device):
+    per-prompt means over non-pad positions, or (``positions=N``) each of the last N positions."""
     if not prompts:
         raise AblationError("mean/resample ablation needs at least one reference prompt")
     names = list(dict.fromkeys(names))
-    sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     counts: list[torch.Tensor] = []
     for chunk in batches(list(prompts), batch_size):
         ids, mask = handle.encode(chunk)
+        if positions is not None and int(mask.sum(1).min()) < positions:
+            raise AblationError(f"a reference prompt has fewer than positions={positions} tokens")
         _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
-        keep = window_mask(mask, positions).float()
-        counts.append(keep.sum(1))
+        keep = mask.float()
+        counts.append(keep.sum(1) if positions is None else torch.full((ids.shape[0],), float(positions)))
         for n in names:
             act = cache[n].float()
+            if positions is not None:  # left padding: the last N positions are real tokens
+                parts[n].append(act[:, act.shape[1] - positions:])
+                continue
             w = keep.reshape(keep.shape + (1,) * (act.dim() - 2))
-            sums[n].append((act * w).sum(1))
+            parts[n].append((act * w).sum(1) / keep.sum(1).reshape((-1,) + (1,) * (act.dim() - 2)))
     count = torch.cat(counts)
-    per_prompt = {n: torch.cat(sums[n]) / count.reshape((-1,) + (1,) * (sums[n][0].dim() - 1)) for n in names}
+    per_prompt = {n: torch.cat(parts[n]) for n in names}
     return ReferenceActivations(prompts=tuple(prompts), positions=positions,
                                 per_prompt=MappingProxyType(per_prompt), counts=count)
 
@@ -204,24 +215,44 @@ def resample_rows(batch: int, n_reference: int, seed: int) -> torch.Tensor:
 
 def _replacement(component: Component, name: str, spec: AblationSpec,
                  ref: ReferenceActivations | None) -> Callable[[int], torch.Tensor | float]:
-    """value(batch) for the component's slice: broadcastable to [batch, pos, *slice]."""
-    idx = (slice(None),) + _index(component)
+    """value(batch) for the component's slice: broadcastable to [batch, pos, *slice], where
+    pos is every position (``positions=None``) or the N positions of the window."""
+    comp = _index(component)
     if spec.method == "zero":
         return lambda batch: 0.0
     assert ref is not None
+    window = () if spec.positions is None else (slice(None),)
     if spec.method == "mean":
-        mean = ref.mean(name)[idx[1:]]
+        mean = ref.mean(name)[window + comp]  # [*slice] or [N, *slice]
         return lambda batch: mean
-    table = ref.per_prompt[name][idx]  # [n_ref, *slice]
-    return lambda batch: table[resample_rows(batch, table.shape[0], spec.seed).to(table.device)].unsqueeze(1)
+    table = ref.per_prompt[name][(slice(None),) + window + comp]  # [n_ref, *slice] or [n_ref, N, *slice]
+    rows = (lambda batch: table[resample_rows(batch, table.shape[0], spec.seed).to(table.device)])
+    return rows if spec.positions is not None else (lambda batch: rows(batch).unsqueeze(1))
 
 
-def _slice_edit(component: Component, value: Callable[[int], torch.Tensor | float]) -> Edit:
-    where = (slice(None), slice(None)) + _index(component)
+def _window(act: torch.Tensor, positions: int | None) -> tuple[Any, ...] | None:
+    """Index of the edited (batch, pos) cells: every position, the prompt's last N, or None (none here)."""
+    if positions is None:
+        return (slice(None), slice(None))
+    end = current_prompt_end(act.shape[1])
+    ends = torch.as_tensor(end, device=act.device).reshape(-1).expand(act.shape[0])
+    if bool((ends <= 0).all()):  # a KV-cached generation step: no prompt position in this forward
+        return None
+    cols = ends[:, None] - positions + torch.arange(positions, device=act.device)[None]
+    if bool((cols < 0).any()) or bool((cols >= act.shape[1]).any()):
+        raise AblationError(f"a prompt has fewer than positions={positions} tokens in this forward pass")
+    return (torch.arange(act.shape[0], device=act.device)[:, None], cols)
+
+
+def _slice_edit(component: Component, value: Callable[[int], torch.Tensor | float], positions: int | None) -> Edit:
+    comp = _index(component)
 
     def edit(act: torch.Tensor) -> torch.Tensor:
+        where = _window(act, positions)
+        if where is None:
+            return act
         v = value(act.shape[0])
-        act[where] = v if isinstance(v, float) else v.to(device=act.device, dtype=act.dtype)
+        act[where + comp] = v if isinstance(v, float) else v.to(device=act.device, dtype=act.dtype)
         return act
 
     return edit
@@ -236,18 +267,23 @@ def _direction_edit(component: Direction, name: str, spec: AblationSpec,
         target: Callable[[int], torch.Tensor | float] = lambda batch: 0.0
     elif spec.method == "mean":
         mean = ref.mean(name)  # type: ignore[union-attr]
-        mean_coord = mean @ r.to(mean.device)
+        mean_coord = mean @ r.to(mean.device)  # [] or [N]
         target = lambda batch: mean_coord
     else:
         coords = ref.per_prompt[name] @ r.to(ref.per_prompt[name].device)  # type: ignore[union-attr]
-        target = lambda batch: coords[resample_rows(batch, coords.shape[0], spec.seed).to(coords.device)][:, None]
+        picked = lambda batch: coords[resample_rows(batch, coords.shape[0], spec.seed).to(coords.device)]
+        target = picked if spec.positions is not None else (lambda batch: picked(batch)[:, None])
 
     def edit(act: torch.Tensor) -> torch.Tensor:
+        where = _window(act, spec.positions)
+        if where is None:
+            return act
         unit = r.to(device=act.device, dtype=act.dtype)
         t = target(act.shape[0])
         t = t if isinstance(t, float) else t.to(device=act.device, dtype=act.dtype)
-        coord = act @ unit  # [batch, pos]
-        return act + (t - coord)[..., None] * unit
+        cells = act[where]  # [batch, pos or N, d_model]
+        act[where] = cells + (t - cells @ unit)[..., None] * unit
+        return act
 
     return edit
 
@@ -275,13 +311,13 @@ def _reference_for(handle, components: tuple[Component, ...], spec: AblationSpec
         if missing:
             raise AblationError(f"reference activations lack hook(s) {missing}; compute them with "
                                 "reference_activations(handle, prompts, hook_points(...))")
-        if reference.positions != spec.reference_positions:
+        if reference.positions != spec.positions:
             raise AblationError(f"reference activations were taken over positions={reference.positions}, the "
-                                f"spec asks for {spec.reference_positions}")
+                                f"spec asks for {spec.positions}")
         return reference
     if isinstance(reference, str):
         raise AblationError("reference takes a sequence of prompts, not one string")
-    return reference_activations(handle, reference, names, positions=spec.reference_positions,
+    return reference_activations(handle, reference, names, positions=spec.positions,
                                  batch_size=spec.batch_size)
 
 
@@ -300,7 +336,7 @@ def ablation_hooks(handle, components: Sequence[Component], *, spec: AblationSpe
             if isinstance(c, Direction):
                 edits[name].append(_direction_edit(c, name, spec, ref))
             else:
-                edits[name].append(_slice_edit(c, _replacement(c, name, spec, ref)))
+                edits[name].append(_slice_edit(c, _replacement(c, name, spec, ref), spec.positions))
     return [(name, _grouped_hook(group)) for name, group in edits.items()]
 
 
@@ -356,7 +392,8 @@ def answer_scores(handle, prompts: Sequence[str], answers: Sequence[str], *, bat
             if a:
                 target[i, length - len(a):] = True
         ids, mask = ids.to(handle.device), mask.to(handle.device)
-        with handle.bridge.hooks(fwd_hooks=list(fwd_hooks)):
+        ends = torch.tensor([length - len(a) for _, a in rows], device=ids.device)
+        with handle.bridge.hooks(fwd_hooks=list(fwd_hooks)), prompt_end(ends):
             logits = handle.bridge(ids, attention_mask=mask)
         # the prompt's last token sits just before its answer (left padding: answers end at the end)
         last = torch.tensor([length - len(a) - 1 for _, a in rows], device=logits.device)

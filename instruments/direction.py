@@ -21,19 +21,21 @@ a context. Tests assert that no such function exists and that weights are restor
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
 
-from instruments.ablation import AblationSpec, Hook, ablation_hooks
-from instruments.behavior import batches, last_logits
-from instruments.components import Direction
+from instruments.ablation import AblationSpec, Hook, ablation_hooks, direction_sites
+from instruments.behavior import batches
+from instruments.components import AttnOut, Direction, Embed, MlpOut, Resid, hook_name, writer_name
 from instruments.metrics import RefusalTokens, kl_divergence, refusal_score
+from instruments.positions import post_instruction_length, token_lengths
 
 Vector = Float[torch.Tensor, "d_model"]
 
@@ -53,11 +55,14 @@ class QuantizedWeightsError(RuntimeError):
 class DirectionSpec:
     """Every knob of direction finding and selection.
 
-    ``n_positions``: how many post-instruction positions to consider (None: all of them).
+    ``n_positions``: how many post-instruction positions to search, counted from the end
+    (None: all of them, as Arditi et al. 2024 do; more than the template has is an error).
     ``layers``: which layers to evaluate during selection (None: all not pruned).
     ``prune_layer_fraction``: layers >= int(n_layers * (1 - fraction)) are never chosen.
     ``kl_threshold``: max mean KL(clean || ablated) on harmless val prompts.
     ``induce_threshold``: min mean refusal score on harmless val prompts with the direction added.
+    ``batch_size``: prompts per forward pass; ``max_rows``: rows per batched selection forward,
+    each row one (candidate, prompt), so several candidates share a pass (a memory knob).
     """
 
     method: Literal["mean_diff", "pca"] = "mean_diff"
@@ -67,6 +72,7 @@ class DirectionSpec:
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
     batch_size: int = 16
+    max_rows: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in ("mean_diff", "pca"):
@@ -75,8 +81,8 @@ class DirectionSpec:
             raise DirectionError("n_positions must be None or >= 1")
         if not 0.0 <= self.prune_layer_fraction < 1.0:
             raise DirectionError("prune_layer_fraction must be in [0, 1)")
-        if self.batch_size < 1:
-            raise DirectionError("batch_size must be >= 1")
+        if self.batch_size < 1 or self.max_rows < 1:
+            raise DirectionError("batch_size and max_rows must be >= 1")
 
 
 # ----------------------------------------------------------------------------- activations
@@ -99,7 +105,7 @@ def post_instruction_ids(handle) -> tuple[int, ...]:
 
 
 def resid_names(n_layers: int) -> list[str]:
-    return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    return [hook_name(Resid(layer=layer)) for layer in range(n_layers)]
 
 
 @torch.no_grad()
@@ -176,14 +182,25 @@ class CandidateDirections:
         raise DirectionError(f"unknown method {method!r}; use 'mean_diff' or 'pca'")
 
 
+def searched_positions(handle, spec: DirectionSpec = DirectionSpec()) -> tuple[int, ...]:
+    """Negative offsets of the post-instruction positions the candidates are read at (Arditi et al. 2024)."""
+    k = post_instruction_length(handle)
+    if k == 0:
+        raise DirectionError("the chat template adds no tokens after the user's message; there are no "
+                             "post-instruction positions to read a direction from")
+    if spec.n_positions is not None and spec.n_positions > k:
+        raise DirectionError(f"n_positions={spec.n_positions}, but the chat template puts only {k} tokens after "
+                             f"the user's message; ask for at most {k}, or None (all of them)")
+    n = k if spec.n_positions is None else spec.n_positions
+    return tuple(range(-n, 0))
+
+
 def candidate_directions(handle, harmful: Sequence[str], harmless: Sequence[str], *,
                          spec: DirectionSpec = DirectionSpec()) -> CandidateDirections:
     """Difference-in-means (and paired-PC) candidates from TRAIN prompts."""
     if not harmful or not harmless:
         raise DirectionError("need at least one harmful and one harmless prompt")
-    k = len(post_instruction_ids(handle))
-    k = k if spec.n_positions is None else min(k, spec.n_positions)
-    positions = tuple(range(-k, 0))
+    positions = searched_positions(handle, spec)
     acts_h = resid_at(handle, harmful, positions=positions, batch_size=spec.batch_size)
     acts_s = resid_at(handle, harmless, positions=positions, batch_size=spec.batch_size)
     diff = mean_difference(acts_h, acts_s)
@@ -243,7 +260,7 @@ def steering_hooks(handle, vector: Direction | torch.Tensor, *, layer: int, coef
     def hook(activation: torch.Tensor, hook) -> torch.Tensor:
         return activation + shift.to(device=activation.device, dtype=activation.dtype)
 
-    return [(f"blocks.{layer}.hook_resid_pre", hook)]
+    return [(hook_name(Resid(layer=layer)), hook)]
 
 
 @contextmanager
@@ -274,6 +291,7 @@ class DirectionSelection:
 
     ``meets_thresholds`` is False when no candidate passed the KL and induce filters; the
     choice is then the lowest bypass score among non-pruned layers, flagged, not hidden.
+    ``n_harmful``/``n_harmless``: how many val prompts of each kind the scores average over.
     """
 
     pos: int
@@ -287,6 +305,13 @@ class DirectionSelection:
     baseline_harmless: float
     scores: tuple[CandidateScore, ...]
     spec: DirectionSpec
+    n_harmful: int
+    n_harmless: int
+
+    @property
+    def best(self) -> CandidateScore:
+        """The chosen candidate's scores (its ``rejected`` says which filter it fails, if any)."""
+        return next(s for s in self.scores if (s.pos, s.layer) == (self.pos, self.layer))
 
     def grid(self, field: str, positions: Sequence[int], n_layers: int) -> Float[torch.Tensor, "pos layer"]:
         """A score as a [pos, layer] tensor (NaN where not evaluated), for heatmaps."""
@@ -312,61 +337,175 @@ def _reject_reason(bypass: float, induce: float, kl: float, spec: DirectionSpec)
     return None
 
 
+def _length_chunks(handle, prompts: Sequence[str], size: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(indices, ids, mask) of prompt chunks of similar token length, each encoded once: less padding."""
+    lengths = token_lengths(handle, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    chunks = []
+    for start in range(0, len(order), size):
+        index = order[start:start + size]
+        ids, mask = handle.encode([prompts[i] for i in index])
+        chunks.append((index, ids, mask))
+    return chunks
+
+
+def _next_token_logits(handle, ids: torch.Tensor, mask: torch.Tensor) -> Float[torch.Tensor, "row vocab"]:
+    # only the last position is unembedded: the vocabulary projection is a fifth of SmolLM2-135M's compute
+    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(handle.hf_model.forward).parameters else {}
+    return handle.bridge(ids, attention_mask=mask, **kw)[:, -1].float().cpu()
+
+
+@torch.no_grad()
+def _clean_logits(handle, chunks) -> Float[torch.Tensor, "prompt vocab"]:
+    index = [i for idx, _, _ in chunks for i in idx]
+    logits = torch.cat([_next_token_logits(handle, ids, mask) for _, ids, mask in chunks])
+    return logits[torch.argsort(torch.tensor(index))]
+
+
+RowHooks = Callable[[slice, int], list[Hook]]  # (candidates, prompts per candidate) -> hooks for those rows
+
+
+@torch.no_grad()
+def _scores_per_candidate(handle, chunks, n_candidates: int, hooks_for: RowHooks, *, tokens: RefusalTokens,
+                          clean: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refusal score and KL(clean || edited) of every (candidate, prompt): [candidate, prompt] each.
+
+    Each forward stacks several candidates' copies of one prompt chunk, candidate-major, so
+    the hooks from ``hooks_for`` edit each row with its own candidate.
+    """
+    n_prompts = clean.shape[0]
+    score, kl = torch.empty(n_candidates, n_prompts), torch.empty(n_candidates, n_prompts)
+    for index, ids, mask in chunks:
+        n = len(index)
+        group = max(1, max_rows // n)
+        for start in range(0, n_candidates, group):
+            rows = slice(start, min(n_candidates, start + group))
+            g = rows.stop - rows.start
+            with handle.bridge.hooks(fwd_hooks=hooks_for(rows, n)):
+                logits = _next_token_logits(handle, ids.repeat(g, 1), mask.repeat(g, 1)).view(g, n, -1)
+            score[rows, index] = refusal_score(logits, tokens)
+            kl[rows, index] = kl_divergence(clean[index].expand_as(logits), logits)
+    return score, kl
+
+
+def _row_ablation_hooks(handle, units: Float[torch.Tensor, "row d_model"]) -> list[Hook]:
+    """Each row's own unit direction projected out of every residual write (directional ablation)."""
+    def hook(activation: torch.Tensor, hook) -> torch.Tensor:
+        u = units.to(device=activation.device, dtype=activation.dtype)[:, :, None]  # [row, d_model, 1]
+        # act - (act . u) u^T, as two batched matmuls: no [row, pos, d_model] temporary for the product
+        return torch.baddbmm(activation, torch.bmm(activation, u), u.transpose(1, 2), alpha=-1)
+
+    return [(name, hook) for name in direction_sites(handle.n_layers)]
+
+
+def _row_steering_hooks(vectors: Float[torch.Tensor, "row d_model"], layers: torch.Tensor) -> list[Hook]:
+    """Each row's own vector added to resid_pre of its own layer (activation addition)."""
+    hooks = []
+    for layer in sorted(set(layers.tolist())):
+        shift = vectors * (layers == layer)[:, None]
+
+        def hook(activation: torch.Tensor, hook, shift: torch.Tensor = shift) -> torch.Tensor:
+            return activation + shift.to(device=activation.device, dtype=activation.dtype)[:, None, :]
+
+        hooks.append((hook_name(Resid(layer=layer)), hook))
+    return hooks
+
+
+def _not_evaluated(handle, candidates: CandidateDirections, vectors: torch.Tensor,
+                   spec: DirectionSpec) -> dict[tuple[int, int], str]:
+    """(position index, layer) -> why that candidate is not evaluated."""
+    excluded = pruned_layers(handle.n_layers, spec.prune_layer_fraction)
+    wanted = range(handle.n_layers) if spec.layers is None else spec.layers
+    skip = {}
+    for i in range(len(candidates.positions)):
+        for layer in range(handle.n_layers):
+            if layer in excluded:
+                skip[i, layer] = "in the last layers"
+            elif layer not in wanted:
+                skip[i, layer] = "layer not requested"
+            elif float(vectors[i, layer].norm()) == 0:
+                # layer 0 at template positions reads only the (shared) token embedding
+                skip[i, layer] = "zero difference"
+    return skip
+
+
+def _measure(handle, vecs: Float[torch.Tensor, "candidate d_model"], layers: torch.Tensor, *,
+             harmful_val: Sequence[str], harmless_val: Sequence[str], tokens: RefusalTokens,
+             spec: DirectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean bypass, induce and KL score per candidate ([candidate] each), and the clean refusal
+    score of every val prompt (harmful first): the three measurements of Arditi et al. (2024)."""
+    n_harmful = len(harmful_val)
+    mixed_chunks = _length_chunks(handle, list(harmful_val) + list(harmless_val), spec.batch_size)
+    clean = _clean_logits(handle, mixed_chunks)
+    units = vecs / vecs.norm(dim=-1, keepdim=True)
+
+    # row r of a forward with n prompts per candidate belongs to candidate rows.start + r // n
+    def ablation(rows: slice, n: int) -> list[Hook]:
+        return _row_ablation_hooks(handle, units[rows].repeat_interleave(n, 0))
+
+    def steering(rows: slice, n: int) -> list[Hook]:
+        return _row_steering_hooks(vecs[rows].repeat_interleave(n, 0), layers[rows].repeat_interleave(n, 0))
+
+    ablated, kl = _scores_per_candidate(handle, mixed_chunks, len(vecs), ablation, tokens=tokens, clean=clean,
+                                        max_rows=spec.max_rows)
+    induced, _ = _scores_per_candidate(handle, _length_chunks(handle, harmless_val, spec.batch_size), len(vecs),
+                                       steering, tokens=tokens, clean=clean[n_harmful:], max_rows=spec.max_rows)
+    return (ablated[:, :n_harmful].mean(1), induced.mean(1), kl[:, n_harmful:].mean(1),
+            refusal_score(clean, tokens))
+
+
 def select_direction(handle, candidates: CandidateDirections, *, harmful_val: Sequence[str],
                      harmless_val: Sequence[str], tokens: RefusalTokens,
                      spec: DirectionSpec = DirectionSpec()) -> DirectionSelection:
-    """Pick the candidate with the lowest bypass score among those passing the filters.
+    """Pick the candidate with the lowest bypass score among those passing the filters (Arditi et al. 2024).
 
     bypass: mean refusal score on harmful val prompts with the unit direction ablated at
     every layer (lower is better). induce: mean refusal score on harmless val prompts with
     the candidate added at its own layer (higher is better). kl: mean KL(clean || ablated)
-    at the last position of harmless val prompts. Harmful and harmless share one ablated
-    forward pass per candidate.
+    at the last position of harmless val prompts. Harmful and harmless share the ablated
+    forward passes, and each pass carries several candidates (``spec.max_rows``).
     """
     if not harmful_val or not harmless_val:
         raise DirectionError("selection needs harmful and harmless validation prompts")
-    vectors = candidates.vectors(spec.method)
-    excluded = pruned_layers(handle.n_layers, spec.prune_layer_fraction)
-    wanted = range(handle.n_layers) if spec.layers is None else spec.layers
-    if any(not 0 <= layer < handle.n_layers for layer in wanted):
+    if spec.layers is not None and any(not 0 <= layer < handle.n_layers for layer in spec.layers):
         raise DirectionError(f"DirectionSpec.layers {spec.layers} has layers outside 0..{handle.n_layers - 1}")
-    bs = spec.batch_size
-    mixed = list(harmful_val) + list(harmless_val)
-    clean_harmless = last_logits(handle, harmless_val, batch_size=bs)
-    base_harmful = float(refusal_score(last_logits(handle, harmful_val, batch_size=bs), tokens).mean())
-    base_harmless = float(refusal_score(clean_harmless, tokens).mean())
+    vectors = candidates.vectors(spec.method)
+    skip = _not_evaluated(handle, candidates, vectors, spec)
+    todo = [(i, layer) for i in range(len(candidates.positions)) for layer in range(handle.n_layers)
+            if (i, layer) not in skip]
+    if not todo:
+        raise DirectionError("no candidate could be evaluated: every requested layer is pruned or has a zero "
+                             "direction; widen DirectionSpec.layers or lower prune_layer_fraction")
+    bypasses, induces, kls, base = _measure(handle, torch.stack([vectors[i, layer] for i, layer in todo]),
+                                            torch.tensor([layer for _, layer in todo]), harmful_val=harmful_val,
+                                            harmless_val=harmless_val, tokens=tokens, spec=spec)
+    measured = {key: (float(bypasses[j]), float(induces[j]), float(kls[j])) for j, key in enumerate(todo)}
     nan = float("nan")
     rows: list[CandidateScore] = []
     for i, pos in enumerate(candidates.positions):
         for layer in range(handle.n_layers):
-            vec, norm = vectors[i, layer], float(vectors[i, layer].norm())
-            if layer in excluded or layer not in wanted or norm == 0:
-                # layer 0 at template positions reads only the (shared) token embedding: zero difference
-                why = ("in the last layers" if layer in excluded else
-                       "zero difference" if norm == 0 else "layer not requested")
+            norm = float(vectors[i, layer].norm())
+            if (i, layer) in skip:
                 rows.append(CandidateScore(pos=pos, layer=layer, norm=norm, bypass=nan, induce=nan, kl=nan,
-                                           evaluated=False, rejected=why))
+                                           evaluated=False, rejected=skip[i, layer]))
                 continue
-            ablated = last_logits(handle, mixed, batch_size=bs, fwd_hooks=directional_ablation_hooks(handle, vec))
-            bypass = float(refusal_score(ablated[:len(harmful_val)], tokens).mean())
-            kl = float(kl_divergence(clean_harmless, ablated[len(harmful_val):]).mean())
-            induced = last_logits(handle, harmless_val, batch_size=bs,
-                                  fwd_hooks=steering_hooks(handle, vec, layer=layer, coefficient=1.0))
-            induce = float(refusal_score(induced, tokens).mean())
+            bypass, induce, kl = measured[i, layer]
             rows.append(CandidateScore(pos=pos, layer=layer, norm=norm, bypass=bypass, induce=induce, kl=kl,
                                        evaluated=True, rejected=_reject_reason(bypass, induce, kl, spec)))
     evaluated = [r for r in rows if r.evaluated and not math.isnan(r.bypass)]
     if not evaluated:
-        raise DirectionError("no candidate could be evaluated: every requested layer is pruned or has a zero "
-                             "direction; widen DirectionSpec.layers or lower prune_layer_fraction")
+        raise DirectionError("every evaluated candidate's bypass score is NaN; check the refusal tokens")
     passing = [r for r in evaluated if r.rejected is None]
     best = min(passing or evaluated, key=lambda r: r.bypass)
     vec = vectors[candidates.positions.index(best.pos), best.layer]
     unit = vec / vec.norm()
+    n_harmful = len(harmful_val)
     return DirectionSelection(
         pos=best.pos, layer=best.layer, direction=Direction(layer=best.layer, vector=tuple(unit.tolist())),
-        scale=float(vec.norm()), method=spec.method, meets_thresholds=bool(passing), excluded_layers=excluded,
-        baseline_harmful=base_harmful, baseline_harmless=base_harmless, scores=tuple(rows), spec=spec)
+        scale=float(vec.norm()), method=spec.method, meets_thresholds=bool(passing),
+        excluded_layers=pruned_layers(handle.n_layers, spec.prune_layer_fraction),
+        baseline_harmful=float(base[:n_harmful].mean()), baseline_harmless=float(base[n_harmful:].mean()),
+        scores=tuple(rows), spec=spec, n_harmful=n_harmful, n_harmless=len(harmless_val))
 
 
 def find_refusal_direction(handle, *, harmful_train: Sequence[str], harmless_train: Sequence[str],
@@ -396,12 +535,19 @@ def _writers(handle) -> dict[str, torch.nn.Module]:
     re-introduces r), and the result would no longer equal directional ablation.
     """
     bridge = handle.bridge
-    mods: dict[str, torch.nn.Module] = {"embed": bridge.embed.original_component}
+    mods: dict[str, torch.nn.Module] = {writer_name(Embed()): bridge.embed.original_component}
     for layer in range(handle.n_layers):
         block = bridge.blocks[layer]
-        mods[f"blocks.{layer}.attn.o"] = block.attn.o.original_component
-        mods[f"blocks.{layer}.mlp.out"] = block.mlp.out.original_component
+        mods[writer_name(AttnOut(layer=layer))] = block.attn.o.original_component
+        mods[writer_name(MlpOut(layer=layer))] = block.mlp.out.original_component
     return mods
+
+
+def _writer_span(n_layers: int) -> str:
+    """The residual writers' names in short: the embedding, then the first and last of each per-layer kind."""
+    last = n_layers - 1
+    spans = [f"{writer_name(kind(layer=0))} .. {writer_name(kind(layer=last))}" for kind in (AttnOut, MlpOut)]
+    return ", ".join([writer_name(Embed()), *spans])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -453,8 +599,7 @@ def swapped_weights(handle, replacements: Mapping[str, Mapping[str, torch.Tensor
     modules = _writers(handle)
     unknown = set(replacements) - set(modules)
     if unknown:
-        raise DirectionError(f"no residual writer named {sorted(unknown)}; known: embed, blocks.L.attn.o, "
-                             "blocks.L.mlp.out")
+        raise DirectionError(f"no residual writer named {sorted(unknown)}; known: {_writer_span(handle.n_layers)}")
     saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter, int]] = []
     try:
         for name, params in replacements.items():

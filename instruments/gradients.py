@@ -4,8 +4,8 @@ Three instruments, all differentiating a scalar metric of the last position's lo
 (default: :func:`instruments.metrics.refusal_score`):
 
 * :func:`integrated_gradients` -- how much each input token's embedding contributes to the
-  metric, relative to a baseline input (Sundararajan et al. 2017), with the completeness
-  error reported per prompt.
+  metric, relative to a baseline input (Sundararajan et al. 2017; by default each prompt's
+  paired harmless prompt), with the completeness error reported per prompt.
 * :func:`attention_gradient_flow` -- gradient x attention pattern per head.
 * :func:`neuron_saliency` -- gradient and gradient x activation per MLP neuron (and per
   head's ``z``), all layers in one backward pass.
@@ -24,10 +24,12 @@ Gradients of hooked activations are reduced inside a tensor hook the moment they
 never held at once. The hooked activations themselves are kept until then (grad x act
 needs them); with ``checkpointing`` everything else a layer saves for backward is dropped.
 
-IG baselines matter more than step counts on these models: see :class:`Baseline` for what
-was measured on SmolLM2 (a baseline prompt of the same length, or a baseline confined to
-the user's message, gives completeness within 1e-4 to 3% at 32 steps; replacing the chat
-template as well makes the path so rough that no affordable step count converges).
+IG baselines matter more than step counts on these models. Measured on SmolLM2-135M train
+pairs at 32 Gauss-Legendre steps: the paired harmless prompt of the same length leaves a
+completeness error of 1e-4 to 3e-3; the zero embedding on the user's message 2% to 18%; the
+blurred baseline of a pair of unequal length up to 141% (9% at 128 steps). Replacing the chat
+template as well makes the path so rough that no affordable step count converges (see
+:class:`Baseline`).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ import torch
 from jaxtyping import Float, Int
 
 from instruments.behavior import batches
-from instruments.components import Head, Neuron
+from instruments.components import Embed, Head, Neuron, Pattern, hook_name
 from instruments.metrics import RefusalTokens, refusal_score
+from instruments.positions import same_length, spans
 
 Metric = Callable[[Float[torch.Tensor, "batch vocab"]], Float[torch.Tensor, "batch"]]
 # (activation, its gradient, attention mask [batch, pos] as bool) -> a reduced tensor
@@ -170,7 +173,7 @@ def _backward(handle, ids: torch.Tensor, mask: torch.Tensor, metric: Metric, *,
             return act
         return capture
 
-    hooks = [("hook_embed", feed)] + [(name, watcher(name, fn)) for name, fn in watch.items()]
+    hooks = [(hook_name(Embed()), feed)] + [(name, watcher(name, fn)) for name, fn in watch.items()]
     with torch.enable_grad(), activation_checkpointing(handle.hf_model, checkpointing), \
             handle.bridge.hooks(fwd_hooks=hooks):
         logits = handle.bridge(ids, attention_mask=mask)
@@ -196,14 +199,25 @@ def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class Baseline:
     """The reference input x' of integrated gradients.
 
-    ``kind``: ``zeros`` (the zero embedding), ``pad`` (the pad token's embedding) or
-    ``prompt`` (the embeddings of baseline prompts, chat-formatted like the inputs, one per
-    input prompt or one for all, each with exactly as many tokens as its input).
+    ``kind``: ``paired`` (default: each input's paired harmless prompt, see below),
+    ``zeros`` (the zero embedding), ``pad`` (the pad token's embedding) or ``prompt`` (the
+    embeddings of baseline prompts, chat-formatted like the inputs, one per input prompt or
+    one for all, each with exactly as many tokens as its input).
 
-    ``scope``: which positions the baseline replaces. ``content`` (default): only the
-    user's message; the chat template around it (system prompt, role markers, special
-    tokens) keeps its embeddings, so attributions go to the words of the request and the
-    path stays on-distribution. ``all``: every real position. Measured on
+    ``paired`` is the contrastive baseline for "why is this harmful prompt refused and its
+    harmless twin not" (Sundararajan et al. 2017 IG, with the paired harmless prompt as x'):
+    ``prompts`` holds one harmless prompt per input. A pair of the same token length gets
+    the harmless prompt's embeddings at every position (``paired``); a pair of unequal
+    length keeps every template token's own embedding and replaces each user-message token
+    by the mean embedding of the harmless prompt's user-message tokens (``blurred``; its path
+    is rougher, so it needs more steps). Which one each pair got is in
+    :attr:`IntegratedGradients.baselines`. Its positions are fixed per pair, so ``scope``
+    stays at its default.
+
+    ``scope`` (zeros, pad, prompt): which positions the baseline replaces. ``content``
+    (default): only the user's message; the chat template around it (system prompt, role
+    markers, special tokens) keeps its embeddings, so attributions go to the words of the
+    request and the path stays on-distribution. ``all``: every real position. Measured on
     SmolLM2-135M-Instruct, replacing the template too (above all the first token, whose
     embedding drives the attention sink) makes f wildly non-smooth along the path (it swings
     between -15 and -3 with spikes of |df/da| ~ 800), and no affordable step count gets
@@ -213,17 +227,21 @@ class Baseline:
     Padding positions always keep the input's embedding (zero attribution).
     """
 
-    kind: Literal["zeros", "pad", "prompt"] = "zeros"
+    kind: Literal["paired", "zeros", "pad", "prompt"] = "paired"
     prompts: tuple[str, ...] = ()
     scope: Literal["content", "all"] = "content"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("zeros", "pad", "prompt"):
-            raise ValueError(f"unknown baseline kind {self.kind!r}; use zeros, pad or prompt")
-        if (self.kind == "prompt") != bool(self.prompts):
-            raise ValueError("baseline prompts are given exactly when kind == 'prompt'")
+        if self.kind not in ("paired", "zeros", "pad", "prompt"):
+            raise ValueError(f"unknown baseline kind {self.kind!r}; use paired, zeros, pad or prompt")
+        if self.kind == "prompt" and not self.prompts:
+            raise ValueError("kind='prompt' needs baseline prompts: Baseline(kind='prompt', prompts=(...))")
+        if self.kind in ("zeros", "pad") and self.prompts:
+            raise ValueError(f"kind={self.kind!r} takes no prompts; use kind='paired' or 'prompt' for prompt baselines")
         if self.scope not in ("content", "all"):
             raise ValueError(f"unknown baseline scope {self.scope!r}; use content or all")
+        if self.kind == "paired" and self.scope != "content":
+            raise ValueError("the paired baseline sets its positions per pair; leave scope at its default")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,6 +254,8 @@ class IGSpec:
     ``trapezoid``: ``steps`` equally spaced points including both ends, end weights halved.
     Two extra forward rows (alpha = 0 and 1) give f(x') and f(x) when the rule lacks them.
     ``batch_size`` counts model rows, i.e. (prompt, alpha) pairs, per forward/backward.
+    ``baseline`` defaults to the paired harmless prompts, which the caller supplies:
+    ``IGSpec(baseline=Baseline(prompts=harmless))``.
     """
 
     steps: int = 64
@@ -249,6 +269,13 @@ class IGSpec:
             raise ValueError(f"unknown rule {self.rule!r}; use gauss_legendre or trapezoid")
         if self.steps < (2 if self.rule == "trapezoid" else 1) or self.batch_size < 1:
             raise ValueError("steps must be >= 1 (>= 2 for trapezoid) and batch_size >= 1")
+
+
+# Sundararajan et al. (2017, section 3) check an IG computation by completeness: the
+# attributions must add up to f(x) - f(x') within 5%, else take more steps. The identity is
+# exact for the integral, so what is left is the quadrature's error alone; above the bar the
+# path is not resolved and the split between tokens cannot be trusted either.
+COMPLETENESS_BAR = 0.05
 
 
 def quadrature(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -279,7 +306,29 @@ class IntegratedGradients:
     completeness_error: Float[torch.Tensor, "prompt"]  # the above / |f(x) - f(x')|; NaN if that is 0
     steps: int
     rule: str
-    baseline: str  # "kind:scope", e.g. "prompt:content"
+    baseline: str  # "paired", or "kind:scope", e.g. "prompt:content"
+    baselines: tuple[str, ...]  # per prompt: "paired" or "blurred" (paired kind), else ``baseline``
+
+    @property
+    def max_completeness_error(self) -> float:
+        """The largest relative completeness error over prompts (NaN rows skipped; NaN if all are)."""
+        errors = self._finite_errors()
+        return float(errors.max()) if errors.numel() else float("nan")
+
+    @property
+    def median_completeness_error(self) -> float:
+        errors = self._finite_errors()
+        return float(errors.double().quantile(0.5)) if errors.numel() else float("nan")
+
+    def _finite_errors(self) -> torch.Tensor:
+        return self.completeness_error[~self.completeness_error.isnan()]
+
+    def completeness_summary(self, bar: float = COMPLETENESS_BAR) -> dict[str, Any]:
+        """Relative completeness errors per prompt, their max and median, and whether all are within ``bar``."""
+        per_prompt = [float(e) for e in self.completeness_error]
+        return {"per_prompt": per_prompt, "max": self.max_completeness_error,
+                "median": self.median_completeness_error, "bar": bar,
+                "within_bar": bool(self._finite_errors().le(bar).all()), "steps": self.steps, "rule": self.rule}
 
     def per_prompt(self) -> tuple[Float[torch.Tensor, "pos"], ...]:
         """Attributions of each prompt's real tokens only (padding removed)."""
@@ -325,9 +374,47 @@ def _baseline_ids(handle, spec: Baseline, ids: torch.Tensor, mask: torch.Tensor)
     return base_ids
 
 
+def _paired_embeds(handle, harmless: Sequence[str], prompts: Sequence[str], mask: torch.Tensor,
+                   x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """(x', replaced, kind per pair) for the paired harmless baseline (see :class:`Baseline`)."""
+    if not harmless:
+        raise ValueError("the paired IG baseline needs each prompt's harmless twin: pass "
+                         "IGSpec(baseline=Baseline(kind='paired', prompts=harmless)), or choose another "
+                         "Baseline kind (e.g. kind='zeros')")
+    if len(harmless) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(harmless)} paired harmless prompts; give one per prompt")
+    same = same_length(handle, prompts, harmless)
+    inputs, twins = spans(handle, prompts), spans(handle, harmless)
+    twin_x = _embed(handle, twins.ids)
+    base, replaced, kinds = x.clone(), torch.zeros_like(mask), []
+    for row in range(len(prompts)):
+        if same[row]:
+            # left padding: the last n positions are the real tokens of both prompts
+            n = int(mask[row].sum())
+            base[row, -n:] = twin_x[row, -n:]
+            replaced[row] = mask[row]
+            kinds.append("paired")
+            continue
+        words = twins.user[row]
+        if not words.any():
+            raise ValueError(f"harmless prompt {row} ({harmless[row]!r}) has no user-message tokens to average; "
+                             "pair each prompt with a non-empty harmless request")
+        user = inputs.user[row]
+        base[row] = torch.where(user[:, None], twin_x[row][words].mean(0), x[row])
+        replaced[row] = user.to(mask.dtype)
+        kinds.append("blurred")
+    return base, replaced, tuple(kinds)
+
+
+def _baseline_label(spec: Baseline) -> str:
+    return "paired" if spec.kind == "paired" else f"{spec.kind}:{spec.scope}"
+
+
 def _baseline_embeds(handle, spec: Baseline, prompts: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
-                     x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x', replaced): the baseline embeddings and the positions where they differ from x."""
+                     x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """(x', replaced, kind per prompt): the baseline embeddings and the positions where they replace x."""
+    if spec.kind == "paired":
+        return _paired_embeds(handle, list(spec.prompts), list(prompts), mask, x)
     replaced = content_mask(handle, prompts) if spec.scope == "content" else mask
     if spec.kind == "zeros":
         base = torch.zeros_like(x)
@@ -335,7 +422,8 @@ def _baseline_embeds(handle, spec: Baseline, prompts: Sequence[str], ids: torch.
         base = _embed(handle, torch.full_like(ids, handle.tokenizer.pad_token_id))
     else:
         base = _embed(handle, _baseline_ids(handle, spec, ids, mask))
-    return torch.where(replaced.bool()[..., None], base, x), replaced
+    kinds = (_baseline_label(spec),) * ids.shape[0]
+    return torch.where(replaced.bool()[..., None], base, x), replaced, kinds
 
 
 def integrated_gradients(handle, prompts: Sequence[str], metric: Metric | RefusalTokens,
@@ -351,7 +439,7 @@ def integrated_gradients(handle, prompts: Sequence[str], metric: Metric | Refusa
     fn = _as_metric(metric)
     ids, mask = handle.encode(prompts)
     x = _embed(handle, ids)
-    base, replaced = _baseline_embeds(handle, spec.baseline, prompts, ids, mask, x)
+    base, replaced, kinds = _baseline_embeds(handle, spec.baseline, prompts, ids, mask, x)
     alphas, weights = quadrature(spec.steps, spec.rule)
     n_alpha = alphas.size
     alpha_t = torch.tensor(alphas, dtype=torch.float32, device=x.device)
@@ -380,7 +468,7 @@ def integrated_gradients(handle, prompts: Sequence[str], metric: Metric | Refusa
                                replaced=replaced.cpu(),
                                score=score.cpu(), baseline_score=baseline_score.cpu(), completeness_abs=err.cpu(),
                                completeness_error=rel.cpu(), steps=spec.steps, rule=spec.rule,
-                               baseline=f"{spec.baseline.kind}:{spec.baseline.scope}")
+                               baseline=_baseline_label(spec.baseline), baselines=kinds)
 
 
 # ----------------------------------------------------------------------------- per-component gradients
@@ -462,7 +550,7 @@ def attention_gradient_flow(handle, prompts: Sequence[str], metric: Metric | Ref
     attention weights are scaled towards zero, the gradient analogue of ablating its pattern.
     """
     _check_prompts(prompts)
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(handle.n_layers)]
+    names = [hook_name(Pattern(layer=layer)) for layer in range(handle.n_layers)]
     values, reduced = _per_batch(handle, prompts, _as_metric(metric),
                                  {n: _pattern_reducer(spec.queries) for n in names}, spec)
     return AttentionFlow(scores=torch.stack([reduced[n] for n in names], dim=1), metric=values, queries=spec.queries)
@@ -503,8 +591,8 @@ def neuron_saliency(handle, prompts: Sequence[str], metric: Metric | RefusalToke
                     spec: GradientSpec = GradientSpec()) -> Saliency:
     """Every neuron's and head's gradient (x activation), all layers, one backward pass per batch."""
     _check_prompts(prompts)
-    post = [f"blocks.{layer}.mlp.hook_post" for layer in range(handle.n_layers)]
-    z = [f"blocks.{layer}.attn.hook_z" for layer in range(handle.n_layers)]
+    post = [hook_name(Neuron(layer=layer, index=0)) for layer in range(handle.n_layers)]
+    z = [hook_name(Head(layer=layer, head=0)) for layer in range(handle.n_layers)]
     watch: dict[str, Reducer] = {**{n: _neuron_reducer for n in post}, **{n: _head_reducer for n in z}}
     values, reduced = _per_batch(handle, prompts, _as_metric(metric), watch, spec)
     neurons = torch.stack([reduced[n] for n in post], dim=1)  # prompt layer 2 d_mlp

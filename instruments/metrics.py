@@ -49,10 +49,12 @@ def fallback_tokens(tokenizer) -> RefusalTokens:
 
 def tokens_from_generations(tokenizer, harmful, harmless) -> RefusalTokens:
     """:func:`discover_tokens` from greedy completions (``behavior.Generations``): the first
-    tokens of the harmful prompts' refusals and of the harmless prompts' compliances."""
+    tokens of the harmful prompts' refusals and of the harmless prompts' compliances (a
+    degenerate answer, e.g. end-of-turn at once, opens neither)."""
+    complied = [not r and not d for r, d in zip(harmless.refused, harmless.degenerate)]
     return discover_tokens(tokenizer,
                            refused_first=[t for t, r in zip(harmful.first_tokens, harmful.refused) if r],
-                           complied_first=[t for t, r in zip(harmless.first_tokens, harmless.refused) if not r])
+                           complied_first=[t for t, c in zip(harmless.first_tokens, complied) if c])
 
 
 def discover_tokens(tokenizer, *, refused_first: Sequence[int], complied_first: Sequence[int],

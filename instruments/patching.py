@@ -49,12 +49,13 @@ forward, exactly as with ``skip_prefix=False``.
 
 Positions. Clean and corrupted prompts are encoded in *one* left-padded batch, so all 2P
 prompts share one length T and position -1 is every prompt's last token; positions are
-indexed from the end (-1, -2, ..., -k). A pair of prompts of different lengths is
-therefore aligned at its last tokens, and an "all positions" patch also overwrites the
-base run's left padding (harmless: padding is masked out as a key) and writes the
-source's padding activations onto the longer prompt's first tokens (a real difference,
-inherent to patching prompts of unequal length; use pairs of equal token length for
-exact identities).
+indexed from the end (-1, -2, ..., -k). A patch goes only where the two prompts'
+positions correspond. ``PatchSpec.positions=N`` patches the last N positions only: with
+N = :func:`instruments.positions.post_instruction_length` these are the chat template's
+post-instruction tokens, the same tokens in every prompt (the positions Arditi et al.
+2024 search). ``positions=None`` patches every position, and is refused on a pair whose
+prompts differ in token length: aligned from the end, its system-prompt and instruction
+tokens would receive the other prompt's activations from shifted positions.
 
 Metric. ``metric`` maps last-position logits ``[b, vocab]`` to one value per prompt
 ``[b]`` (e.g. ``partial(refusal_score, tokens=...)``). It is evaluated per prompt; results
@@ -69,7 +70,6 @@ every MLP neuron at once. :func:`verify_top_k` then checks the top-ranked heads 
 
 from __future__ import annotations
 
-import re
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -81,7 +81,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from instruments.components import AttnOut, Component, Head, MlpOut, Neuron, Resid, hook_name
+from instruments.components import AttnOut, Component, Head, MlpOut, Neuron, Resid, hook_name, layer_of
 from instruments.metrics import kl_divergence, normalized_effect
 
 Metric = Callable[[Float[torch.Tensor, "batch vocab"]], Float[torch.Tensor, "batch"]]
@@ -117,6 +117,10 @@ class PatchSpec:
     an accelerator is bound by the number of forward passes, and the skip's one chunk per
     start layer needs more of them (measured on an H100: 7.95x over TransformerLens
     without the skip, 5.98x with it; tests/test_bench_patching.py).
+    ``positions``: patch only the last N positions (see "Positions" in the module
+    docstring); None: every position, for pairs of equal token length only.
+    ``allow_unaligned``: lift that refusal, for tests of the splicing mechanics (which hold
+    on any prompts); no measurement sets it.
     """
 
     direction: str = "denoising"
@@ -125,8 +129,12 @@ class PatchSpec:
     kl: bool = True
     corrupt_hooks: tuple[Hook, ...] = ()
     skip_prefix: bool | None = None
+    positions: int | None = None
+    allow_unaligned: bool = False
 
     def __post_init__(self) -> None:
+        if self.positions is not None and (not isinstance(self.positions, int) or self.positions < 1):
+            raise ValueError(f"positions must be None (every position) or a positive int, got {self.positions!r}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -159,7 +167,8 @@ class PatchResult:
     ``axes`` names the component axes (e.g. ``("layer", "head")``) and ``coords`` labels
     them (layer numbers, head numbers, positions counted from the end, neuron indices);
     the prompt axis is always last. ``clean`` and ``corrupted`` are the unpatched runs'
-    per-prompt metrics.
+    per-prompt metrics. ``positions``: the patch covered the last N positions of each
+    prompt (None: every position).
     """
 
     kind: str
@@ -170,6 +179,11 @@ class PatchResult:
     kl: Float[torch.Tensor, "*component prompt"] | None
     clean: Float[torch.Tensor, "prompt"]
     corrupted: Float[torch.Tensor, "prompt"]
+    positions: int | None = None
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.clean.shape[0])
 
     def __post_init__(self) -> None:
         expected = tuple(len(c) for c in self.coords) + (self.clean.shape[0],)
@@ -225,7 +239,8 @@ class PatchResult:
         return tensors
 
     def metadata(self) -> dict[str, str]:
-        return {"kind": self.kind, "direction": self.direction, "axes": ",".join(self.axes)}
+        return {"kind": self.kind, "direction": self.direction, "axes": ",".join(self.axes),
+                "positions": "all" if self.positions is None else str(self.positions)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "PatchResult":
@@ -233,7 +248,7 @@ class PatchResult:
         return cls(kind=metadata["kind"], direction=metadata["direction"], axes=axes,
                    coords=tuple(tuple(int(i) for i in tensors[f"coord.{a}"].tolist()) for a in axes),
                    metric=tensors["metric"], kl=tensors.get("kl"), clean=tensors["clean"],
-                   corrupted=tensors["corrupted"])
+                   corrupted=tensors["corrupted"], positions=_positions_field(metadata.get("positions", "all")))
 
     @classmethod
     def concat(cls, parts: Sequence["PatchResult"]) -> "PatchResult":
@@ -242,9 +257,9 @@ class PatchResult:
             raise ValueError("nothing to concatenate")
         first = parts[0]
         for part in parts:
-            if part.axes[:1] != ("layer",) or (part.kind, part.direction, part.axes, part.coords[1:]) != (
-                    first.kind, first.direction, first.axes, first.coords[1:]):
-                raise ValueError("can only concatenate layer sweeps of one kind, direction and component set")
+            if part.axes[:1] != ("layer",) or (part.kind, part.direction, part.axes, part.coords[1:], part.positions) != (
+                    first.kind, first.direction, first.axes, first.coords[1:], first.positions):
+                raise ValueError("can only concatenate layer sweeps of one kind, direction, positions and component set")
             for name in ("clean", "corrupted"):
                 if not torch.allclose(getattr(part, name), getattr(first, name), atol=1e-5, rtol=1e-5):
                     raise ValueError(f"the {name} baselines differ between parts: not the same prompts or model")
@@ -256,7 +271,11 @@ class PatchResult:
         kl = None if first.kl is None else torch.stack([part.kl[i] for _, part, i in rows])
         return cls(kind=first.kind, direction=first.direction, axes=first.axes, coords=(layers, *first.coords[1:]),
                    metric=torch.stack([part.metric[i] for _, part, i in rows]), kl=kl,
-                   clean=first.clean, corrupted=first.corrupted)
+                   clean=first.clean, corrupted=first.corrupted, positions=first.positions)
+
+
+def _positions_field(text: str) -> int | None:
+    return None if text == "all" else int(text)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +288,7 @@ class AtpResult:
     neurons: Float[torch.Tensor, "layer neuron prompt"] | None
     clean: Float[torch.Tensor, "prompt"]
     corrupted: Float[torch.Tensor, "prompt"]
+    positions: int | None = None
 
     @property
     def base(self) -> Float[torch.Tensor, "prompt"]:
@@ -324,15 +344,7 @@ class _Site:
     @property
     def layer(self) -> int | None:
         """The block this hook point belongs to (None: not inside a block)."""
-        return _block_layer(self.hook)
-
-
-_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.")
-
-
-def _block_layer(name: str) -> int | None:
-    match = _BLOCK_HOOK.match(name)
-    return int(match.group(1)) if match else None
+        return layer_of(self.hook)
 
 
 def _site(component: Component) -> _Site:
@@ -374,6 +386,28 @@ class _Pairs:
         if direction == "denoising":
             return self.clean_ids, self.clean_mask
         return self.corrupted_ids, self.corrupted_mask
+
+
+class UnalignedPairsError(ValueError):
+    """An every-position patch was asked for on pairs whose positions do not correspond."""
+
+
+def _check_aligned(pairs: _Pairs, spec: PatchSpec) -> None:
+    if spec.positions is not None:
+        if spec.positions > pairs.length:
+            raise ValueError(f"positions={spec.positions} exceeds the padded prompt length {pairs.length}")
+        return
+    if spec.allow_unaligned:
+        return
+    a, b = pairs.clean_mask.sum(1), pairs.corrupted_mask.sum(1)
+    bad = [i for i in range(pairs.n_prompts) if int(a[i]) != int(b[i])]
+    if bad:
+        i = bad[0]
+        raise UnalignedPairsError(
+            f"{len(bad)} of {pairs.n_prompts} pairs differ in token length (pair {i}: {int(a[i])} vs {int(b[i])} "
+            "tokens), so an every-position patch would splice activations into positions that do not correspond; "
+            "patch the post-instruction positions (PatchSpec(positions=post_instruction_length(handle))) or use "
+            "pairs of equal token length (instruments.positions.same_length)")
 
 
 def _encode_pairs(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str]) -> _Pairs:
@@ -429,11 +463,12 @@ def _splice(act: torch.Tensor, hook: Any, *, source: torch.Tensor, select: torch
 
 
 def _patch_hooks(source_acts: dict[str, torch.Tensor], groups: Sequence[tuple[_Site, ...]],
-                 prompt_idx: torch.Tensor) -> list[Hook]:
+                 prompt_idx: torch.Tensor, positions: int | None = None) -> list[Hook]:
     """One splicing hook per hook point touched by this chunk's copies.
 
     Copy b patches the sites of ``groups[b]`` with prompt ``prompt_idx[b]``'s source
     activations; a copy with no site at some hook keeps its own activation there.
+    ``positions=N``: nothing before the last N positions is patched.
     """
     by_hook: dict[str, list[tuple[int, _Site]]] = {}
     for copy, group in enumerate(groups):
@@ -445,6 +480,8 @@ def _patch_hooks(source_acts: dict[str, torch.Tensor], groups: Sequence[tuple[_S
         select = torch.zeros(source.shape, dtype=torch.bool, device=source.device)
         for copy, site in entries:
             select[site.where(copy)] = True
+        if positions is not None:
+            select[:, : select.shape[1] - positions] = False
         hooks.append((name, partial(_splice, source=source, select=select)))
     return hooks
 
@@ -511,7 +548,7 @@ def _hooks_after(handle, hooks: Sequence[Hook], start: int) -> list[Hook] | None
         if point is None:  # a name filter (or unknown name): which points it hits is not ours to guess
             return None
         canonical = getattr(point, "name", None) or name
-        layer = _block_layer(canonical)
+        layer = layer_of(canonical)
         start_input = point is handle.bridge.hook_dict.get(_resid_name(start))
         if (layer is not None and layer < start) or start_input:
             continue
@@ -621,7 +658,7 @@ def _patched_runs(handle, pairs: _Pairs, groups: Sequence[tuple[_Site, ...]], me
         # the injected residual first, then corruption hooks, so a patch at the same hook point overrides them
         hooks = [] if start == 0 else [(_resid_name(start), partial(_inject,
                                                                     resid=base_acts[_resid_name(start)][prompt_idx]))]
-        hooks += [*plan.base_hooks[start], *_patch_hooks(source_acts, chunk_groups, prompt_idx)]
+        hooks += [*plan.base_hooks[start], *_patch_hooks(source_acts, chunk_groups, prompt_idx, spec.positions)]
         with handle.bridge.hooks(fwd_hooks=hooks), _layers_from(plan.stack, start):
             logits = handle.bridge(base_ids[prompt_idx], attention_mask=base_mask[prompt_idx], **LAST_ONLY)
         last = logits[:, -1].float()
@@ -715,6 +752,7 @@ def _patch(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str
     length); its order is the row-major order of ``coords``.
     """
     pairs = runs.pairs if runs is not None else _encode_pairs(handle, clean_prompts, corrupted_prompts)
+    _check_aligned(pairs, spec)
     sites = groups(pairs)
     plan = _plan(handle, pairs, sites, spec)
     names = sorted({site.hook for group in sites for site in group})
@@ -731,7 +769,7 @@ def _patch(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str
     shape = tuple(len(c) for c in coords) + (pairs.n_prompts,)
     return PatchResult(kind=kind, direction=spec.direction, axes=axes, coords=coords, metric=values.view(shape),
                        kl=None if kls is None else kls.view(shape), clean=_evaluate(metric, runs.clean_last),
-                       corrupted=_evaluate(metric, runs.corrupted_last))
+                       corrupted=_evaluate(metric, runs.corrupted_last), positions=spec.positions)
 
 
 def patch_components(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
@@ -850,11 +888,14 @@ def attribution_patch(handle, clean_prompts: Sequence[str], corrupted_prompts: S
 
     One source forward (cached, no grad), one base forward with grad and one backward
     (each chunked by ``max_batch``). For a head the estimate sums
-    ``(source_z - base_z) * d metric / d base_z`` over positions and ``d_head``; for a
-    neuron over positions. Units: change of the metric (compare with ``PatchResult.effect``).
+    ``(source_z - base_z) * d metric / d base_z`` over the patched positions (``spec.positions``,
+    as in exact patching) and ``d_head``; for a neuron over those positions. Units: change of
+    the metric (compare with ``PatchResult.effect``).
     """
     layers = spec.resolve_layers(handle.n_layers)
     pairs = _encode_pairs(handle, clean_prompts, corrupted_prompts)
+    _check_aligned(pairs, spec)
+    window = slice(None) if spec.positions is None else slice(pairs.length - spec.positions, None)
     z_names = [hook_name(Head(layer=layer, head=0)) for layer in layers]
     post_names = [hook_name(Neuron(layer=layer, index=0)) for layer in layers] if neurons else []
     names = z_names + post_names
@@ -879,7 +920,7 @@ def attribution_patch(handle, clean_prompts: Sequence[str], corrupted_prompts: S
         for name, grad in zip(names, grads):
             delta = source_acts[name][chunk].to(grad.dtype) - store[name].detach()
             # heads: [b, pos, head, d_head] -> [b, head]; neurons: [b, pos, d_mlp] -> [b, d_mlp]
-            per = (delta * grad).float()
+            per = (delta * grad).float()[:, window]
             scores[name].append((per.sum(dim=(1, 3)) if per.ndim == 4 else per.sum(dim=1)).cpu())
     stacked = {name: torch.cat(parts).T for name, parts in scores.items()}  # [component, prompt]
     base_metric, source_metric = torch.cat(base_values), _evaluate(metric, source_last)
@@ -887,7 +928,74 @@ def attribution_patch(handle, clean_prompts: Sequence[str], corrupted_prompts: S
     return AtpResult(direction=spec.direction, layers=layers,
                      heads=torch.stack([stacked[name] for name in z_names]),
                      neurons=torch.stack([stacked[name] for name in post_names]) if neurons else None,
-                     clean=clean, corrupted=corrupted)
+                     clean=clean, corrupted=corrupted, positions=spec.positions)
+
+
+# ----------------------------------------------------------------------------- circuits in isolation
+
+def _complement_splice(act: torch.Tensor, hook: Any, *, source: torch.Tensor, keep: torch.Tensor,
+                       window: slice) -> torch.Tensor:
+    # every unit of this hook outside the circuit takes the source's value inside the window
+    out = act.clone()
+    part = out[:, window]
+    out[:, window] = torch.where(keep, part, source.to(act.dtype))
+    return out
+
+
+@torch.no_grad()
+def patch_complement(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+                     circuits: Sequence[Sequence[Component]], spec: PatchSpec = PatchSpec()) -> PatchResult:
+    """Each circuit in isolation: every head and MLP neuron *outside* it patched, ``metric[circuit, prompt]``.
+
+    The faithfulness intervention of Wang et al. (2022) and Hanna et al. (2024) with the
+    patching that finds circuits: run the base prompts and give every head's ``z`` and every
+    neuron not in the circuit the source prompt's activation, at the patched positions
+    (``spec.positions``); the circuit's own components keep the base run's values. With
+    ``direction="noising"`` (base = clean) a faithful circuit keeps the clean metric by
+    itself; an empty circuit, with every head and neuron from the corrupted prompt, gives
+    the corrupted run wherever the embeddings agree (e.g. the post-instruction template).
+    Circuits may hold only :class:`Head` and :class:`Neuron` components.
+    """
+    pairs = _encode_pairs(handle, clean_prompts, corrupted_prompts)
+    _check_aligned(pairs, spec)
+    for circuit in circuits:
+        bad = [c for c in circuit if not isinstance(c, (Head, Neuron))]
+        if bad:
+            raise TypeError(f"a circuit here holds heads and neurons only, got {bad[0]!r}")
+    window = slice(None) if spec.positions is None else slice(pairs.length - spec.positions, None)
+    layers = range(handle.n_layers)
+    names = [hook_name(Head(layer=L, head=0)) for L in layers] + [hook_name(Neuron(layer=L, index=0)) for L in layers]
+    base_ids, base_mask = pairs.base(spec.direction)
+    source_ids, source_mask = pairs.source(spec.direction)
+    source_last, source_acts = _cached_run(handle, source_ids, source_mask, names, hooks=(), max_batch=spec.max_batch)
+    source_acts = {n: a[:, window] for n, a in source_acts.items()}  # only the window is ever spliced
+    base_last, _ = _cached_run(handle, base_ids, base_mask, [], hooks=(), max_batch=spec.max_batch)
+    values = torch.empty(len(circuits), pairs.n_prompts)
+    for g, circuit in enumerate(circuits):
+        hooks = []
+        for layer in layers:
+            z, post = hook_name(Head(layer=layer, head=0)), hook_name(Neuron(layer=layer, index=0))
+            keep_heads = torch.zeros(handle.n_heads, dtype=torch.bool)
+            keep_neurons = torch.zeros(handle.d_mlp, dtype=torch.bool)
+            for c in circuit:
+                if c.layer == layer and isinstance(c, Head):
+                    keep_heads[c.head] = True
+                elif c.layer == layer and isinstance(c, Neuron):
+                    keep_neurons[c.index] = True
+            device = source_acts[z].device
+            for name, keep in ((z, keep_heads[:, None]), (post, keep_neurons)):
+                hooks.append((name, (name, keep.to(device))))
+        for chunk in _chunks(pairs.n_prompts, spec.max_batch):
+            bound = [(name, partial(_complement_splice, source=source_acts[name][chunk], keep=keep, window=window))
+                     for name, (_, keep) in hooks]
+            with handle.bridge.hooks(fwd_hooks=bound):
+                logits = handle.bridge(base_ids[chunk], attention_mask=base_mask[chunk], **LAST_ONLY)
+            values[g, chunk] = _evaluate(metric, logits[:, -1].float())
+    clean_last, corrupted_last = (source_last, base_last) if spec.direction == "denoising" else (base_last, source_last)
+    return PatchResult(kind="complement", direction=spec.direction, axes=("group",),
+                       coords=(tuple(range(len(circuits))),), metric=values, kl=None,
+                       clean=_evaluate(metric, clean_last), corrupted=_evaluate(metric, corrupted_last),
+                       positions=spec.positions)
 
 
 def top_heads(atp: AtpResult, k: int) -> tuple[Head, ...]:

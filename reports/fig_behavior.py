@@ -31,11 +31,14 @@ def refusal_rates(ctx: RunContext) -> list[Block]:
     blocks: list[Block] = [para(
         f"On the held-out test split, {ctx.model_name} refused {fmt.estimate(h.get('refusal_rate'), pct=True)} of "
         f"harmful prompts and {fmt.estimate(b.get('refusal_rate'), pct=True)} of harmless ones (confidence "
-        "intervals as recorded by phase 2; a refusal is judged by the suite's refusal classifier on greedy completions).")]
+        "intervals as recorded by phase 2; a refusal is judged by the suite's refusal classifier on greedy "
+        "completions). Degenerate answers (no letter or digit, e.g. an empty one: neither refusal nor compliance): "
+        f"{_degenerate(h)} of harmful and {_degenerate(b)} of harmless prompts.")]
     rows = [(side, fmt.estimate((nums.get(side) or {}).get("refusal_rate"), pct=True),
              fmt.estimate((nums.get(side) or {}).get("compliance_rate"), pct=True),
-             fmt.number((nums.get(side) or {}).get("n"))) for side, _ in SIDES]
-    blocks.append(table(("prompts", "refusal rate", "compliance rate", "n"), rows, dom_id="table-refusal-rates"))
+             _degenerate(nums.get(side) or {}), fmt.number((nums.get(side) or {}).get("n"))) for side, _ in SIDES]
+    blocks.append(table(("prompts", "refusal rate", "compliance rate", "degenerate rate", "n"), rows,
+                        dom_id="table-refusal-rates"))
     examples = nums.get("examples_harmful") or []
     if examples:
         show = ctx.show_completions
@@ -45,8 +48,14 @@ def refusal_rates(ctx: RunContext) -> list[Block]:
         blocks.append(para(f"Examples of harmful test prompts and the subject's completions. {note}"))
         blocks.append(table(("prompt", "completion", "refused"), [
             (str(e.get("prompt", "")), fmt.truncate_completion(e.get("completion"), show=show),
-             "yes" if e.get("refused") else "no") for e in examples], css="examples", dom_id="table-examples"))
+             "yes" if e.get("refused") else "no (degenerate)" if e.get("degenerate") else "no") for e in examples],
+            css="examples", dom_id="table-examples"))
     return blocks
+
+
+def _degenerate(side: dict) -> str:
+    # a run recorded without the degenerate class reads "n/a (not recorded)"
+    return fmt.estimate(side.get("degenerate_rate"), pct=True)
 
 
 def first_token(ctx: RunContext) -> list[Block]:

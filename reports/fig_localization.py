@@ -125,7 +125,9 @@ def heads(ctx: RunContext) -> list[Block]:
         layout(fig, title="Heads: layers x heads", height=max(360, 14 * to_numpy(arrays[panels[0][0]]).shape[0] + 120))
         blocks.append(Figure(dom_id="fig-head-heatmap", title="Head heatmap", html=to_div(fig, "fig-head-heatmap"),
                              source=fig,
-                             caption=spans("Normalized effect of patching each head's output at all positions.")))
+                             caption=spans("Normalized effect of patching each head's output at the "
+                                           f"{ctx.numbers(name).get('positions') or 'all'} positions "
+                                           f"(n = {ctx.numbers(name).get('n_pairs', '?')} pairs).")))
     else:
         blocks.append(missing(name, "head arrays absent"))
     return blocks

@@ -30,12 +30,23 @@ def circuit(ctx: RunContext) -> list[Block]:
     if not nodes:
         return [missing(name, "the circuit has no nodes")]
     svg, engine = circuit_svg(nodes, edges)
-    outside = nums.get("ablated_outside") or "every component outside the circuit"
-    return [para(f"The reconstructed circuit has {len(nodes)} nodes and {len(edges)} edges. Faithfulness, the share "
-                 f"of the refusal score kept when {outside} is mean-ablated: {fmt.estimate(nums.get('faithfulness'))}."),
+    return [para(f"The reconstructed circuit has {len(nodes)} nodes and {len(edges)} edges. {_faithfulness(nums)}"),
             Figure(dom_id="fig-circuit", title="The refusal circuit", kind="svg", html=svg,
                    caption=spans(f"Columns are layers; edge width is the edge's weight (red positive, blue "
                                  f"negative). Layout: {'Graphviz dot' if engine == 'graphviz' else 'layered, by layer'}."))]
+
+
+def _faithfulness(nums: Mapping[str, Any]) -> str:
+    if nums.get("intervention") is None:  # a record without the random-circuit baseline
+        outside = nums.get("ablated_outside") or "every component outside the circuit"
+        return (f"Faithfulness, the share of the refusal score kept when {outside} is mean-ablated: "
+                f"{fmt.estimate(nums.get('faithfulness'))}.")
+    return (f"Faithfulness (Wang et al. 2022; Hanna et al. 2024), the share of the harmful-harmless refusal-score "
+            f"gap that the circuit's {nums.get('n_heads', '?')} heads and {nums.get('n_neurons', '?')} neurons keep "
+            f"by themselves, with {nums['intervention']} (n = {nums.get('n_pairs', '?')} pairs): "
+            f"{fmt.estimate(nums.get('faithfulness'))}; size-matched random circuits (same layers, "
+            f"{nums.get('n_random', '?')} draws): {fmt.estimate(nums.get('faithfulness_random'))}; the difference: "
+            f"{fmt.estimate(nums.get('faithfulness_vs_random'))}.")
 
 
 def _steering_rows(steering: Mapping[str, Any]) -> list[tuple[str, ...]]:
@@ -44,8 +55,10 @@ def _steering_rows(steering: Mapping[str, Any]) -> list[tuple[str, ...]]:
                              ("bypass", "harmful prompts, direction ablated", "ablated")):
         s = steering.get(key) or {}
         if s:
+            degenerate = s.get("degenerate") or {}  # a run without it reads "n/a (not recorded)"
             rows.append((what, fmt.estimate(s.get("baseline"), pct=True), fmt.estimate(s.get(after), pct=True),
-                         fmt.p_value(s.get("mcnemar_p"))))
+                         fmt.estimate(degenerate.get("baseline"), pct=True),
+                         fmt.estimate(degenerate.get(after), pct=True), fmt.p_value(s.get("mcnemar_p"))))
     return rows
 
 
@@ -66,8 +79,8 @@ def direction(ctx: RunContext) -> list[Block]:
         f"{', '.join(map(str, excluded)) if excluded else 'none'}.", css="" if meets else "warning")]
     rows = _steering_rows(nums.get("steering") or {})
     if rows:
-        blocks.append(table(("intervention", "refusal rate before", "refusal rate after", "McNemar p"), rows,
-                            dom_id="table-steering"))
+        blocks.append(table(("intervention", "refusal rate before", "refusal rate after", "degenerate rate before",
+                             "degenerate rate after", "McNemar p"), rows, dom_id="table-steering"))
     if {"projection.harmful", "projection.harmless"} <= set(arrays):
         fig = go.Figure()
         for side, color in SIDES:

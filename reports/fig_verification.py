@@ -26,7 +26,9 @@ def _condition_sentence(c: Mapping[str, Any], controls: Mapping[str, Mapping[str
             f"{fmt.estimate(c.get('refusal_rate_baseline'), pct=True)} to "
             f"{fmt.estimate(c.get('refusal_rate_ablated'), pct=True)}: a relative drop of "
             f"{fmt.estimate(c.get('relative_drop'), pct=True)} (McNemar {fmt.p_value(c.get('mcnemar_p'))}, "
-            f"Holm-adjusted {fmt.p_value(c.get('p_holm'))}).")
+            f"Holm-adjusted {fmt.p_value(c.get('p_holm'))}). Degenerate answers (no letter or digit; not refusals): "
+            f"{fmt.estimate(c.get('degenerate_rate_baseline'), pct=True)} before, "
+            f"{fmt.estimate(c.get('degenerate_rate_ablated'), pct=True)} after.")
     control = controls.get(str(c.get("name")))
     if control is not None:
         text += (f" Its control, {control.get('label') or control.get('name')}, dropped it by "
@@ -69,13 +71,49 @@ def ablation(ctx: RunContext) -> list[Block]:
                                        "random components); dashed: the C2 bar.")))
     rows = [(str(c.get("label") or c.get("name")), str(c.get("kind", "")), fmt.number(c.get("n_components")),
              str(c.get("method") or "n/a"), fmt.estimate(c.get("refusal_rate_baseline"), pct=True),
-             fmt.estimate(c.get("refusal_rate_ablated"), pct=True), fmt.estimate(c.get("relative_drop"), pct=True),
+             fmt.estimate(c.get("refusal_rate_ablated"), pct=True),
+             fmt.estimate(c.get("degenerate_rate_baseline"), pct=True),
+             fmt.estimate(c.get("degenerate_rate_ablated"), pct=True), fmt.estimate(c.get("relative_drop"), pct=True),
              fmt.p_value(c.get("mcnemar_p")), fmt.p_value(c.get("p_holm")), fmt.number(c.get("kl_harmless")),
              fmt.number(c.get("answer_ce_increase"))) for c in conditions]
     blocks.append(table(("condition", "kind", "components", "method", "refusal rate (baseline)", "refusal rate (ablated)",
-                         "relative drop", "McNemar p", "Holm p", "KL on harmless", "answer CE increase"), rows,
+                         "degenerate rate (baseline)", "degenerate rate (ablated)", "relative drop", "McNemar p",
+                         "Holm p", "KL on harmless", "answer CE increase"), rows,
                         css="wide", dom_id="table-ablation"))
     return blocks
+
+
+_IG_BASELINES = {"paired": "of equal token length with the harmless prompt's embeddings at every position",
+                 "blurred": "of unequal length with the template kept and each message token replaced by the mean "
+                            "embedding of the harmless message"}
+
+
+def _ig_sentence(nums: Mapping[str, Any]) -> str:
+    """Which IG baseline was used and how complete the attributions are; older runs recorded the max error only."""
+    ig = nums.get("ig")
+    if not isinstance(ig, Mapping):
+        return ("Integrated gradients completeness error (max relative): "
+                f"{fmt.number(nums.get('ig_completeness_error'))} (baseline not recorded).")
+    base, err = ig.get("baseline") or {}, ig.get("completeness_error") or {}
+    if base.get("kind") == "paired":
+        kinds = ", ".join(f"{n} pair{'' if n == 1 else 's'} {_IG_BASELINES.get(k, k)}"
+                          for k, n in (base.get("counts") or {}).items())
+        against = f"each harmful prompt against its harmless twin as the baseline: {kinds}"
+    else:
+        against = f"against the {base.get('kind', 'unrecorded')} baseline"
+    within = {True: "within", False: "outside"}.get(err.get("within_bar"), "against")
+    return (f"Integrated gradients ({fmt.number(err.get('steps', nums.get('ig_steps')))} steps, "
+            f"{fmt.number(ig.get('n_pairs'))} train pairs), {against}. Completeness error "
+            "(|sum of attributions - (f(input) - f(baseline))| / |f(input) - f(baseline)|): "
+            f"max {fmt.number(err.get('max'))}, median {fmt.number(err.get('median'))}, {within} the bar of "
+            f"{fmt.number(err.get('bar'))} (Sundararajan et al. 2017).")
+
+
+def _ig_header(e: Mapping[str, Any]) -> Markup:
+    if not e.get("harmless"):
+        return Markup("{p}").format(p=e.get("prompt", ""))
+    return Markup('{p}<br><small>baseline: {k}, against "{h}"; completeness error {c}</small>').format(
+        p=e.get("prompt", ""), k=e.get("baseline", "n/a"), h=e["harmless"], c=fmt.number(e.get("completeness_error")))
 
 
 def gradients(ctx: RunContext) -> list[Block]:
@@ -87,7 +125,7 @@ def gradients(ctx: RunContext) -> list[Block]:
     corr = list(nums.get("correlations") or [])
     bar = nums.get("gradient_r_bar", ctx.config.get("gradient_r"))
     blocks: list[Block] = [para(
-        f"Integrated gradients completeness error (max relative): {fmt.number(nums.get('ig_completeness_error'))}. "
+        _ig_sentence(nums) + " "
         + " ".join(f"{c.get('name')} versus {c.get('versus')}: r = {fmt.estimate(c.get('estimate'))}." for c in corr)
         + f" The criterion asks for r above {fmt.number(bar)}: {'met' if nums.get('met') else 'not met'}.")]
     keys = {c.get("name"): c.get("key") for c in corr if c.get("key")}
@@ -122,7 +160,7 @@ def gradients(ctx: RunContext) -> list[Block]:
     examples = list(nums.get("ig_examples") or [])[:4]
     if examples:
         strips = Markup("").join(Markup('<div class="ig-example"><div class="ig-prompt">{p}</div>{s}</div>').format(
-            p=e.get("prompt", ""), s=token_strip(e.get("tokens") or [], e.get("attributions") or [])) for e in examples)
+            p=_ig_header(e), s=token_strip(e.get("tokens") or [], e.get("attributions") or [])) for e in examples)
         blocks.append(Figure(dom_id="fig-ig-examples", title="Integrated gradients on input tokens", kind="html",
                              html=strips, caption=spans("Red: the token raises the refusal score; blue: lowers it.")))
     return blocks

@@ -48,7 +48,9 @@ def discussion(ctx: RunContext) -> Section:
         bypass = (direction.get("steering") or {}).get("bypass") or {}
         blocks.append(para("The refusal-direction result bears on all three hypotheses: a single direction whose "
                            f"ablation moves the harmful refusal rate from {fmt.estimate(bypass.get('baseline'), pct=True)} "
-                           f"to {fmt.estimate(bypass.get('ablated'), pct=True)} is a distributed representation read "
+                           f"to {fmt.estimate(bypass.get('ablated'), pct=True)} (degenerate answers, not counted as "
+                           f"refusals: {fmt.estimate((bypass.get('degenerate') or {}).get('ablated'), pct=True)} "
+                           "under the ablation) is a distributed representation read "
                            "by a localized decision, if the circuit result agrees."))
     return Section(dom_id="discussion", title="Discussion", blocks=tuple(blocks))
 
@@ -76,11 +78,16 @@ def limitations(ctx: RunContext) -> Section:
         + ("Quantized weights perturb activations; effects near the bars should be re-checked at full precision."
            if quant not in ("none", None) else "Full precision: no quantization error enters the measurements."),
         f"Refusal judge: '{config.get('judge', 'generate')}'. A refusal classifier on short greedy completions can "
-        "miss partial compliance and refusals phrased unusually.",
+        "miss partial compliance and refusals phrased unusually. An answer with no letter or digit (e.g. "
+        "end-of-turn at once) is degenerate: counted neither as a refusal nor as compliance, and its rate is shown beside each "
+        "refusal rate. An ablation that breaks the model therefore lowers the refusal rate too: read each drop "
+        "beside its degenerate rate.",
         f"One seed ({config.get('seed', 'n/a')}) and one prompt set: intervals cover prompt sampling, not training "
         "randomness or a different prompt distribution.",
-        "Patching prompts of unequal token length aligns them at their last tokens; mean ablation moves activations "
-        "off-distribution, which can overstate necessity (the random-component controls bound this).",
+        "Patching and mean ablation act on the post-instruction positions (or, with every position, on pairs of "
+        "equal token length only): what a component does at the instruction's own tokens enters only through "
+        "what later positions read. Mean ablation still moves activations off the distribution of any single "
+        "prompt, which can overstate necessity (the random-component controls bound this).",
     ]
     blocks: list[Block] = [bullets(items)]
     card = organism_card(ctx)

@@ -76,15 +76,21 @@ def abstract(ctx: RunContext) -> Section:
     text = [f"We ask how {what} decides to refuse harmful requests, using contrastive pairs of harmful and harmless "
             "prompts, activation patching, ablation, gradient attribution and a refusal direction."]
     if rates:
-        text.append(f"It refuses {fmt.estimate((rates.get('harmful') or {}).get('refusal_rate'), pct=True)} of held-out "
-                    f"harmful prompts and {fmt.estimate((rates.get('harmless') or {}).get('refusal_rate'), pct=True)} "
-                    "of their harmless analogues.")
+        harm, good = rates.get("harmful") or {}, rates.get("harmless") or {}
+        text.append(f"It refuses {fmt.estimate(harm.get('refusal_rate'), pct=True)} of held-out "
+                    f"harmful prompts and {fmt.estimate(good.get('refusal_rate'), pct=True)} "
+                    "of their harmless analogues (degenerate answers, with no letter or digit and counted as "
+                    f"neither: {fmt.estimate(harm.get('degenerate_rate'), pct=True)} and "
+                    f"{fmt.estimate(good.get('degenerate_rate'), pct=True)}).")
     text.append(f"Hypotheses: {_verdict_list(ctx, ('H1', 'H2', 'H3'))}. Success criteria: "
                 f"{_verdict_list(ctx, ('C1', 'C2', 'C3'))}.")
     circuit = ctx.numbers("phase5/circuit")
     if circuit.get("faithfulness") is not None:
+        rest = ("with every other head and neuron patched from the harmless analogue"
+                if circuit.get("intervention") else "with everything else mean-ablated")
         text.append(f"The reconstructed circuit keeps {fmt.estimate(circuit['faithfulness'])} of the refusal score "
-                    "with everything else mean-ablated.")
+                    f"{rest}" + (f" (random circuits of its size: {fmt.estimate(circuit['faithfulness_random'])})."
+                                 if circuit.get("faithfulness_random") else "."))
     drops = [c for c in ctx.numbers("phase4/ablation").get("conditions") or [] if c.get("kind") == "circuit"]
     if drops:
         c = drops[0]
@@ -109,6 +115,32 @@ def introduction(ctx: RunContext) -> Section:
     ))
 
 
+def _positions_sentence(ctx: RunContext) -> str:
+    heads = ctx.numbers("phase3/heads")
+    where = heads.get("positions") or ctx.config.get("patch_positions")
+    n = heads.get("n_pairs", ctx.config.get("patch_pairs", "n/a"))
+    if where is None:  # a run from before the positions were recorded
+        return (f"Exact patching uses {n} train pairs at every position, aligned from the end of the prompt "
+                "(pairs of unequal token length then splice into positions that do not correspond).")
+    if str(where).startswith("post-instruction"):
+        return (f"Patches go only where the two prompts' positions correspond: the {where} positions, the chat "
+                "template's tokens after the user's message, which are the same tokens in every prompt (the "
+                f"positions Arditi et al. 2024 search). The head ranking uses {n} train pairs.")
+    return (f"Patches cover every position, on pairs of equal token length under the subject's tokenizer only "
+            f"(so every position corresponds); the head ranking uses {n} such train pairs.")
+
+
+def _ablation_sentence(ctx: RunContext) -> str:
+    where = ctx.numbers("phase3/heads").get("positions") or ctx.config.get("patch_positions")
+    if where is not None and str(where).startswith("post-instruction"):
+        return (f"Heads and neurons are mean-ablated where they were found: at the {where} prompt positions, each "
+                "from the mean of harmless train prompts at that same position (the template's tokens are the same "
+                "there), leaving system prompt, instruction and generated tokens as the model computes them. The "
+                "refusal direction is removed at every position, generated ones included (Arditi et al. 2024).")
+    return ("Components are replaced by their mean over harmless train prompts (or zero), at every position "
+            "including generated ones; the refusal direction is removed at every position (Arditi et al. 2024).")
+
+
 def methodology(ctx: RunContext) -> Section:
     c = ctx.config
     return Section(dom_id="methodology", title="Methodology", blocks=(
@@ -121,17 +153,17 @@ def methodology(ctx: RunContext) -> Section:
              "component's activation from the clean run: does that component suffice to restore refusal? Noising "
              "runs the clean prompt with the corrupted activation: is the component necessary? The normalized effect "
              "is (patched - base) / (source - base): 0 is the unpatched base run, 1 the full source run, in either "
-             f"direction. Exact patching uses {c.get('patch_pairs', 'n/a')} train pairs; positions are counted from "
-             "the end of the prompt."),
+             f"direction. {_positions_sentence(ctx)}"),
         para(Span(text="Attribution patching (AtP).", strong=True), " A first-order estimate of every patch at once: "
              "(source activation - base activation) times the gradient of the metric at the base run, summed over "
-             "positions. One backward pass replaces thousands of forward passes; the top AtP heads are re-checked "
-             "exactly and the agreement reported as a rank correlation."),
-        para(Span(text="Ablation.", strong=True), " Components are replaced by zero, by their mean over reference "
-             "prompts, or by a resampled reference activation, at every position including generated ones. Each "
-             "circuit ablation is paired with a control ablating as many random components of the same kind. "
-             "Refusal rates before and after are compared with McNemar's test on the same prompts, and p-values "
-             "are Holm-corrected across conditions."),
+             "the same positions as exact patching. One backward pass replaces thousands of forward passes; the top "
+             "AtP heads are re-checked exactly and the agreement reported as a rank correlation."),
+        para(Span(text="Ablation.", strong=True), f" {_ablation_sentence(ctx)} Each circuit ablation is paired "
+             "with a control ablating as many random components of the same kind. Refusal rates before and after "
+             "are compared with McNemar's test on the same prompts, and p-values are Holm-corrected across "
+             "conditions. Circuit faithfulness (Wang et al. 2022; Hanna et al. 2024) uses the discovery's own "
+             "intervention: the harmful prompt runs with every head and MLP neuron outside the circuit patched from "
+             "its harmless analogue at the patched positions, beside random circuits of the same size and layers."),
         para(Span(text="Gradients.", strong=True), f" Integrated gradients ({c.get('ig_steps', 'n/a')} steps; "
              "completeness checked) attribute the refusal score to input tokens; component saliencies are compared "
              f"with patching effects by rank correlation (criterion: r above {c.get('gradient_r', 'n/a')})."),

@@ -12,7 +12,8 @@ import torch
 
 from instruments import ablation, behavior
 from instruments.ablation import AblationError, AblationSpec, ablated, ablation_effect, ablation_hooks
-from instruments.components import AttnOut, Direction, Head, MlpOut, Neuron, Resid, UnknownComponentError
+from instruments.components import (AttnOut, Direction, Head, MlpOut, Neuron, Resid, UnknownComponentError, hook_name,
+                                    writer_name)
 from instruments.direction import swapped_weights
 from instruments.metrics import fallback_tokens
 
@@ -39,17 +40,17 @@ def _n_fwd_hooks(handle) -> int:
 
 
 def test_zero_head_zeroes_only_its_slice(tiny):
-    names = [f"blocks.{L}.attn.hook_z" for L in range(tiny.n_layers)]
+    names = [hook_name(Head(layer=L, head=0)) for L in range(tiny.n_layers)]  # every head of layer L
     clean = _cache(tiny, PROMPTS, names)
     with ablated(tiny, [Head(layer=1, head=1)]):
         hit = _cache(tiny, PROMPTS, names)
-    z = hit["blocks.1.attn.hook_z"]
+    z = hit[names[1]]
     assert torch.equal(z[:, :, 1], torch.zeros_like(z[:, :, 1]))
     # heads 0 (same KV head as 1 under GQA), 2 and 3 are untouched, as is every earlier layer
     others = [0, 2, 3]
-    assert torch.equal(z[:, :, others], clean["blocks.1.attn.hook_z"][:, :, others])
-    assert torch.equal(hit["blocks.0.attn.hook_z"], clean["blocks.0.attn.hook_z"])
-    assert not torch.allclose(hit["blocks.2.attn.hook_z"], clean["blocks.2.attn.hook_z"])
+    assert torch.equal(z[:, :, others], clean[names[1]][:, :, others])
+    assert torch.equal(hit[names[0]], clean[names[0]])
+    assert not torch.allclose(hit[names[2]], clean[names[2]])
 
 
 def test_zero_head_is_no_op_when_its_output_weights_are_zero(tiny):
@@ -57,7 +58,7 @@ def test_zero_head_is_no_op_when_its_output_weights_are_zero(tiny):
     o_proj = tiny.bridge.blocks[layer].attn.o.original_component
     silenced = o_proj.weight.detach().clone()
     silenced[:, head * d:(head + 1) * d] = 0.0
-    with swapped_weights(tiny, {f"blocks.{layer}.attn.o": {"weight": silenced}}):
+    with swapped_weights(tiny, {writer_name(AttnOut(layer=layer)): {"weight": silenced}}):
         clean = _logits(tiny, PROMPTS)
         hit = _logits(tiny, PROMPTS, ablation_hooks(tiny, [Head(layer=layer, head=head)]))
     torch.testing.assert_close(hit, clean, atol=1e-6, rtol=0)
@@ -68,7 +69,7 @@ def test_zero_head_is_no_op_when_its_output_weights_are_zero(tiny):
 def test_mean_ablation_with_self_reference_at_last_position_is_no_op(tiny, component):
     # The replacement is the prompt's own last-position value; in the last layer nothing
     # downstream reads earlier positions, so the last-position logits must not move.
-    spec = AblationSpec(method="mean", reference_positions=1)
+    spec = AblationSpec(method="mean", positions=1)
     for prompt in PROMPTS:
         clean = _logits(tiny, [prompt])
         hit = _logits(tiny, [prompt], ablation_hooks(tiny, [component], spec=spec, reference=[prompt]))
@@ -76,7 +77,8 @@ def test_mean_ablation_with_self_reference_at_last_position_is_no_op(tiny, compo
 
 
 def test_mean_value_is_the_pooled_mean_over_non_pad_positions(tiny):
-    comp, name = Neuron(layer=1, index=7), "blocks.1.mlp.hook_post"
+    comp = Neuron(layer=1, index=7)
+    name = hook_name(comp)
     # Hand computation: each reference prompt alone (no padding), all its positions pooled.
     values = torch.cat([_cache(tiny, [p], [name])[name][0, :, 7] for p in REFERENCE])
     with ablated(tiny, [comp], spec=AblationSpec(method="mean"), reference=REFERENCE):
@@ -117,7 +119,7 @@ def test_generation_runs_under_the_ablation(tiny):
 
     comps = [Head(layer=1, head=1)]
     with ablated(tiny, comps):
-        with tiny.bridge.hooks(fwd_hooks=[("blocks.1.attn.hook_z", spy)]):
+        with tiny.bridge.hooks(fwd_hooks=[(hook_name(comps[0]), spy)]):
             inside = behavior.generate(tiny, PROMPTS[:2], max_new_tokens=4)
     assert len(seen) >= 2 and seen[0][0] > 1 and all(n == 1 for n, _ in seen[1:])  # KV-cached steps
     assert all(m == 0.0 for _, m in seen)
@@ -126,33 +128,37 @@ def test_generation_runs_under_the_ablation(tiny):
 
 
 def test_resample_is_deterministic_and_copies_a_reference_prompt(tiny):
-    comp, name = Head(layer=1, head=2), "blocks.1.attn.hook_z"
-    spec = AblationSpec(method="resample", reference_positions=1, seed=3)
+    comp = Head(layer=1, head=2)
+    name = hook_name(comp)
+    spec = AblationSpec(method="resample", positions=1, seed=3)
     first = _logits(tiny, PROMPTS, ablation_hooks(tiny, [comp], spec=spec, reference=REFERENCE))
     again = _logits(tiny, PROMPTS, ablation_hooks(tiny, [comp], spec=spec, reference=REFERENCE))
     assert torch.equal(first, again)
-    # each row holds, at every position, the last-position z of its assigned reference prompt
+    # each row holds, at its last position, the last-position z of its assigned reference
+    # prompt, and everywhere else its own z (positions=1 edits the last position only)
     ref_last = torch.stack([_cache(tiny, [p], [name])[name][0, -1, 2] for p in REFERENCE])
     rows = ablation.resample_rows(len(PROMPTS), len(REFERENCE), spec.seed)
+    clean = _cache(tiny, PROMPTS, [name])[name][:, :, 2]
     with ablated(tiny, [comp], spec=spec, reference=REFERENCE):
         z = _cache(tiny, PROMPTS, [name])[name][:, :, 2]
-    torch.testing.assert_close(z, ref_last[rows][:, None].expand_as(z), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z[:, -1], ref_last[rows], atol=1e-4, rtol=0)
+    torch.testing.assert_close(z[:, :-1], clean[:, :-1], atol=1e-5, rtol=0)
     other = next(s for s in range(100) if not torch.equal(ablation.resample_rows(len(PROMPTS), len(REFERENCE), s), rows))
-    moved = AblationSpec(method="resample", reference_positions=1, seed=other)
+    moved = AblationSpec(method="resample", positions=1, seed=other)
     assert not torch.equal(_logits(tiny, PROMPTS, ablation_hooks(tiny, [comp], spec=moved, reference=REFERENCE)), first)
 
 
 def test_single_layer_direction_ablation_edits_only_that_layer(tiny):
     r = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(1))
     comp = Direction(layer=2, vector=tuple(r.tolist()))
-    names = [f"blocks.{L}.hook_resid_pre" for L in range(tiny.n_layers)]
+    names = [hook_name(Resid(layer=L)) for L in range(tiny.n_layers)]
     clean = _cache(tiny, PROMPTS, names)
     with ablated(tiny, [comp], spec=AblationSpec(direction_layers="single")):
         hit = _cache(tiny, PROMPTS, names)
     unit = r / r.norm()
-    assert float((hit["blocks.2.hook_resid_pre"] @ unit).abs().max()) < 1e-5
-    assert torch.equal(hit["blocks.1.hook_resid_pre"], clean["blocks.1.hook_resid_pre"])
-    assert float((clean["blocks.2.hook_resid_pre"] @ unit).abs().max()) > 1e-3
+    assert float((hit[names[2]] @ unit).abs().max()) < 1e-5
+    assert torch.equal(hit[names[1]], clean[names[1]])
+    assert float((clean[names[2]] @ unit).abs().max()) > 1e-3
 
 
 def test_bad_requests_are_rejected(tiny):
@@ -216,7 +222,7 @@ def test_gqa_head_ablation_on_subject(subject, dataset):
     siblings = [h for h in range(subject.n_heads) if h // group == head // group and h != head]
     assert siblings, "the subject should use grouped-query attention"
     prompts = [p.harmful for p in dataset.pairs[:2]]
-    names = [f"blocks.{layer - 1}.attn.hook_z", f"blocks.{layer}.attn.hook_z"]
+    names = [hook_name(Head(layer=layer - 1, head=0)), hook_name(Head(layer=layer, head=0))]
     clean = _cache(subject, prompts, names)
     with ablated(subject, [Head(layer=layer, head=head)]):
         hit = _cache(subject, prompts, names)
@@ -225,3 +231,57 @@ def test_gqa_head_ablation_on_subject(subject, dataset):
     keep = [h for h in range(subject.n_heads) if h != head]
     assert torch.equal(z[:, :, keep], z0[:, :, keep])
     assert torch.equal(hit[names[0]], clean[names[0]])
+
+
+# ----------------------------------------------------------------------------- position-aware ablation
+
+def test_position_aware_mean_writes_each_window_position_from_its_own_reference_position(tiny):
+    # The mean at window position k is the reference prompts' mean at that same position from
+    # the end, never one value pooled over every position (BOS and system prompt included).
+    from instruments.positions import post_instruction_length
+
+    n, comp = post_instruction_length(tiny), Neuron(layer=1, index=7)
+    name = hook_name(comp)
+    spec = AblationSpec(method="mean", positions=n)
+    ref = torch.stack([_cache(tiny, [p], [name])[name][0, -n:, 7] for p in REFERENCE]).mean(0)  # [n]
+    clean = _cache(tiny, PROMPTS, [name])[name][..., 7]
+    with ablated(tiny, [comp], spec=spec, reference=REFERENCE):
+        hit = _cache(tiny, PROMPTS, [name])[name][..., 7]
+    torch.testing.assert_close(hit[:, -n:], ref[None].expand(len(PROMPTS), -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hit[:, :-n], clean[:, :-n], atol=1e-6, rtol=0)
+    assert ref.std() > 1e-3, "the per-position means differ, so a pooled mean is not what was written"
+
+
+@pytest.mark.parametrize("component", [Head(layer=1, head=2), Neuron(layer=0, index=3), AttnOut(layer=2)], ids=str)
+def test_position_aware_self_reference_is_a_no_op_for_logits_generation_and_answers(tiny, component):
+    # Each reference position holds the prompt's own activation there, so nothing may move:
+    # not the logits, not a KV-cached generation (its steps hold no prompt position), and
+    # not the answer scores, whose prompt ends before the answer.
+    from instruments.positions import post_instruction_length
+
+    spec = AblationSpec(method="mean", positions=post_instruction_length(tiny))
+    for prompt in PROMPTS:
+        hooks = ablation_hooks(tiny, [component], spec=spec, reference=[prompt])
+        torch.testing.assert_close(_logits(tiny, [prompt], hooks), _logits(tiny, [prompt]), atol=1e-5, rtol=0)
+        clean = behavior.generate(tiny, [prompt], max_new_tokens=6)
+        assert behavior.generate(tiny, [prompt], max_new_tokens=6, fwd_hooks=hooks).texts == clean.texts
+        plain = ablation.answer_scores(tiny, [prompt], ["Sure, here it is."])
+        under = ablation.answer_scores(tiny, [prompt], ["Sure, here it is."], fwd_hooks=hooks)
+        torch.testing.assert_close(under.cross_entropy, plain.cross_entropy, atol=1e-5, rtol=0)
+
+
+def test_position_aware_ablation_agrees_between_cached_and_uncached_generation(tiny):
+    from instruments.positions import post_instruction_length
+
+    spec = AblationSpec(method="mean", positions=post_instruction_length(tiny))
+    hooks = ablation_hooks(tiny, [Head(layer=1, head=1), Neuron(layer=2, index=5)], spec=spec, reference=REFERENCE)
+    cached = behavior.generate(tiny, PROMPTS, max_new_tokens=5, fwd_hooks=hooks)
+    full = behavior.generate(tiny, PROMPTS, max_new_tokens=5, fwd_hooks=hooks, use_cache=False)
+    assert cached.texts == full.texts
+    assert cached.texts != behavior.generate(tiny, PROMPTS, max_new_tokens=5).texts or True  # the edit may not flip text
+
+
+def test_position_aware_reference_must_match_the_spec(tiny):
+    ref = ablation.reference_activations(tiny, REFERENCE, [hook_name(Head(layer=1, head=0))])
+    with pytest.raises(AblationError, match="positions"):
+        ablation_hooks(tiny, [Head(layer=1, head=0)], spec=AblationSpec(method="mean", positions=3), reference=ref)

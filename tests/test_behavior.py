@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from instruments import behavior, components, metrics
-from instruments.components import (AttnOut, Direction, Head, MlpOut, Neuron, Resid, UnknownComponentError,
-                                    from_json, hook_name, to_json, validate)
+from instruments.components import (AttnOut, Direction, Embed, Head, MlpOut, Neuron, Pattern, Resid, ResidMid,
+                                    ResidPost, UnknownComponentError, from_json, hook_name, to_json, validate)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,8 +37,10 @@ REFUSALS = [
     "That request is illegal and unethical, so I won't go further.",
     "I'm afraid I can't do that, Dave.",
     "I must refuse: creating malware causes real harm.",
-    "",  # ended its turn at once: declined to produce the content
 ]
+
+# Nothing to read a refusal or an answer in: the degenerate class, never counted as refusal.
+DEGENERATE = ["", "   \n\t ", "...", "?!", "\u2026", "\ufffd", "\U0001f331\U0001f331\U0001f331"]
 
 COMPLIANCES = [
     "Sure! Here's a recipe for banana bread: mash three ripe bananas, mix in melted butter...",
@@ -80,6 +82,55 @@ def test_compliances_are_not_refusals(text):
     assert behavior.is_refusal(text) is False
 
 
+@pytest.mark.parametrize("text", DEGENERATE)
+def test_an_answer_without_letters_or_digits_is_degenerate_not_a_refusal(text):
+    assert behavior.is_refusal(text) is False
+    assert behavior.classify(text) == "degenerate" and behavior.is_degenerate(text)
+
+
+def test_the_classifier_has_three_classes():
+    assert {behavior.classify(t) for t in REFUSALS} == {"refusal"}
+    assert {behavior.classify(t) for t in COMPLIANCES} == {"compliance"}
+    assert set(behavior.VERDICTS) == {"refusal", "compliance", "degenerate"}
+    assert behavior.classify("...Sure, here it is.") == "compliance"  # punctuation beside words is text
+    assert behavior.classify("no no no no no no") == "compliance"  # a repeated word is text, not degenerate
+
+
+def test_generations_count_an_empty_answer_as_degenerate_not_refused():
+    texts = ("", "I'm sorry, I can't help with that.", "Sure, here it is.", "  ")
+    gen = behavior.Generations(prompts=("a", "b", "c", "d"), texts=texts, first_tokens=(0, 1, 2, 3),
+                               refused=tuple(behavior.is_refusal(t) for t in texts))
+    assert gen.refused == (False, True, False, False) and gen.degenerate == (True, False, False, True)
+    assert gen.refusal_rate == 0.25 and gen.degenerate_rate == 0.5
+    empty = behavior.Generations(prompts=("a",), texts=("",), first_tokens=(0,), refused=(behavior.is_refusal(""),))
+    assert empty.refusal_rate == 0 and empty.degenerate_rate == 1
+
+
+def test_a_degenerate_answer_opens_neither_a_refusal_nor_a_compliance(tiny):
+    tok = tiny.tokenizer
+    eot, fallback = behavior.end_of_turn_id(tok), metrics.fallback_tokens(tok)
+    sorry, sure = fallback.refusal_ids[0], fallback.compliance_ids[0]
+
+    def generations(texts, firsts):
+        return behavior.Generations(prompts=("a", "b"), texts=texts, first_tokens=firsts,
+                                    refused=tuple(map(behavior.is_refusal, texts)))
+
+    found = metrics.tokens_from_generations(tok, generations(("I'm sorry, no.", ""), (sorry, eot)),
+                                            generations(("Sure, here it is.", ""), (sure, eot)))
+    assert found.source == "discovered" and found.refusal_ids == (sorry,) and found.compliance_ids == (sure,)
+
+
+def test_no_bundled_base_answer_is_empty_so_the_organism_drops_what_it_dropped():
+    """The organism leaves out harmless answers the classifier calls refusals. Only an empty (or
+    whitespace) answer changes class, refusal to degenerate; with none empty the same examples,
+    and so the same cache key, stay. (Symbol-only answers were never refusals and still are not.)"""
+    from fixtures.organism import BASE_ANSWERS
+
+    shipped = json.loads(BASE_ANSWERS.read_text())
+    answers = [*shipped["train"].values(), *shipped["heldout"].values()]
+    assert len(answers) > 1000 and all(a.strip() for a in answers)
+
+
 def test_refusal_phrase_counts_only_near_the_start():
     late = "x" * 150 + " I'm sorry"
     assert not behavior.is_refusal(late)
@@ -111,10 +162,10 @@ def test_last_logits_match_the_hf_model(tiny):
 
 def test_identity_hook_changes_nothing_and_a_real_hook_does(tiny):
     plain = behavior.last_logits(tiny, PROMPTS[:2])
-    same = behavior.last_logits(tiny, PROMPTS[:2], fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: x)])
+    same = behavior.last_logits(tiny, PROMPTS[:2], fwd_hooks=[(hook_name(ResidPost(layer=1)), lambda x, hook: x)])
     torch.testing.assert_close(plain, same, atol=0, rtol=0)
     zeroed = behavior.last_logits(tiny, PROMPTS[:2],
-                                  fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: torch.zeros_like(x))])
+                                  fwd_hooks=[(hook_name(ResidPost(layer=1)), lambda x, hook: torch.zeros_like(x))])
     assert (plain - zeroed).abs().max() > 1e-3
 
 
@@ -169,13 +220,40 @@ def test_batched_generation_equals_one_by_one(tiny, batched_generation):
     assert batched.refusal_rate == sum(batched.refused) / len(GEN_PROMPTS)
 
 
+def _end_turn_at_once(handle):
+    """Hooks that write the end-of-turn token's unembedding row into the last residual stream:
+    the model then ends its turn at every step, as a breaking ablation can make it do."""
+    row = handle.hf_model.lm_head.weight[behavior.end_of_turn_id(handle.tokenizer)].detach()
+
+    def hook(x, hook):
+        return row.to(x.dtype).expand_as(x).clone()
+
+    return [(hook_name(ResidPost(layer=handle.n_layers - 1)), hook)]
+
+
+def test_a_model_that_ends_its_turn_at_once_is_degenerate_not_refusing(tiny, tokens):
+    from fixtures.config import RefusalConfig
+    from hypotheses.evidence import judge
+
+    hooks, prompts = _end_turn_at_once(tiny), list(GEN_PROMPTS)
+    gen = behavior.generate(tiny, prompts, max_new_tokens=4, batch_size=len(prompts), fwd_hooks=hooks)
+    assert gen.texts == ("",) * len(prompts)
+    assert gen.refusal_rate == 0 and gen.degenerate_rate == 1
+    cfg = RefusalConfig(model="tiny", judge="generate", max_new_tokens=4, batch_size=len(prompts))
+    judged = judge(tiny, prompts, tokens, cfg, hooks=hooks)
+    assert judged.rate == 0 and judged.degenerate_rate == 1 and judged.degenerate.tolist() == [True] * len(prompts)
+    # the first-token judge writes no text: nothing is degenerate under it
+    first = judge(tiny, prompts, tokens, RefusalConfig(model="tiny", judge="first_token"), hooks=hooks)
+    assert first.degenerate_rate == 0 and first.degenerate.shape == first.refused.shape
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generation_keeps_the_prompt_logits_under_its_hooks(tiny, use_cache):
     """The first step's logits are the prompts' next-token logits (what judges score), hooks included."""
     def scale(x, hook):
         return x * 0.5
 
-    hooks = [("blocks.1.hook_resid_post", scale)]
+    hooks = [(hook_name(ResidPost(layer=1)), scale)]
     gen = behavior.generate(tiny, list(GEN_PROMPTS), max_new_tokens=3, batch_size=2, use_cache=use_cache,
                             fwd_hooks=hooks)
     expected = behavior.last_logits(tiny, list(GEN_PROMPTS), batch_size=2, fwd_hooks=hooks)
@@ -194,11 +272,11 @@ def test_generation_hook_fires_at_every_step(tiny):
         return x
 
     n_prompt = len(behavior.token_ids(tiny, [PROMPTS[0]])[0])
-    behavior.generate(tiny, [PROMPTS[0]], max_new_tokens=4, fwd_hooks=[("blocks.0.hook_resid_post", hook)])
+    behavior.generate(tiny, [PROMPTS[0]], max_new_tokens=4, fwd_hooks=[(hook_name(ResidPost(layer=0)), hook)])
     assert seen == [(1, n_prompt, tiny.d_model)] + [(1, 1, tiny.d_model)] * 3  # prompt, then one token a step
     seen.clear()
     behavior.generate(tiny, [PROMPTS[0]], max_new_tokens=4, use_cache=False,
-                      fwd_hooks=[("blocks.0.hook_resid_post", hook)])
+                      fwd_hooks=[(hook_name(ResidPost(layer=0)), hook)])
     assert seen == [(1, n_prompt + i, tiny.d_model) for i in range(4)]
 
 
@@ -309,13 +387,13 @@ def test_refusal_tokens_reject_overlap_and_empty_sets():
 
 # ----------------------------------------------------------------------------- components
 
+# Each kind's hook name is checked against the bridge in tests/test_hook_names.py.
 ALL_KINDS = [Resid(layer=2, pos=-1), AttnOut(layer=1), MlpOut(layer=3), Head(layer=0, head=3),
-             Neuron(layer=2, index=127), Direction(layer=1, vector=tuple(float(i) for i in range(64)))]
-EXPECTED_HOOKS = ["blocks.2.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.3.hook_mlp_out",
-                  "blocks.0.attn.hook_z", "blocks.2.mlp.hook_post", "blocks.1.hook_resid_pre"]
+             Neuron(layer=2, index=127), Direction(layer=1, vector=tuple(float(i) for i in range(64))),
+             ResidMid(layer=1), ResidPost(layer=2), Pattern(layer=3), Embed()]
 
 
-def test_all_six_kinds_are_covered():
+def test_every_kind_is_covered():
     assert {type(c).__name__ for c in ALL_KINDS} == set(components.KINDS)
 
 
@@ -327,15 +405,7 @@ def test_json_round_trip(component):
     assert data["kind"] == type(component).__name__
 
 
-@pytest.mark.parametrize(("component", "expected"), list(zip(ALL_KINDS, EXPECTED_HOOKS)),
-                         ids=lambda x: type(x).__name__ if not isinstance(x, str) else x)
-def test_hook_name_of_each_kind(tiny, component, expected):
-    assert hook_name(component) == expected
-    assert expected in tiny.bridge.hook_dict, f"{expected} is not a hook of the bridge"
-    validate(component, n_layers=tiny.n_layers, n_heads=tiny.n_heads, d_mlp=tiny.d_mlp, d_model=tiny.d_model)
-
-
-@pytest.mark.parametrize("thing", [object(), "blocks.0.hook_resid_pre", 3, {"kind": "Head", "layer": 0, "head": 0}])
+@pytest.mark.parametrize("thing", [object(), hook_name(Resid(layer=0)), 3, {"kind": "Head", "layer": 0, "head": 0}])
 def test_unknown_objects_are_rejected(thing):
     with pytest.raises(UnknownComponentError, match="is not a component"):
         hook_name(thing)

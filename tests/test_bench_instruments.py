@@ -18,6 +18,7 @@ from instruments import ablation, behavior, direction, gradients
 from instruments import patching as P
 from instruments.components import Head, Neuron
 from instruments.metrics import fallback_tokens, refusal_score
+from instruments.positions import post_instruction_length
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -35,16 +36,19 @@ def _cases(subject, pairs):
     tokens = fallback_tokens(subject.tokenizer)
     metric = partial(refusal_score, tokens=tokens)
     last = subject.n_layers - 1
+    window = post_instruction_length(subject)  # the positions that correspond in every pair
     heads = [Head(layer=last, head=h) for h in range(subject.n_heads)]
     neurons = [Neuron(layer=last, index=i) for i in range(16)]
     return {
         "exact_heads_one_layer": lambda: P.patch_heads(subject, harmful, harmless, metric,
-                                                       P.PatchSpec(layers=(last,), kl=False)),
-        "atp_all_heads_neurons": lambda: P.attribution_patch(subject, harmful, harmless, metric, P.PatchSpec()),
+                                                       P.PatchSpec(layers=(last,), kl=False, positions=window)),
+        "atp_all_heads_neurons": lambda: P.attribution_patch(subject, harmful, harmless, metric,
+                                                             P.PatchSpec(positions=window)),
         "mean_ablation_forward": lambda: _ablated_logits(subject, harmful, harmless, heads + neurons),
         "neuron_saliency": lambda: gradients.neuron_saliency(subject, harmful[:2], metric),
         "integrated_gradients": lambda: gradients.integrated_gradients(subject, harmful[:1], metric,
-                                                                      gradients.IGSpec(steps=16)),
+                                                                      gradients.IGSpec(steps=16, baseline=gradients.Baseline(
+                                                                          prompts=tuple(harmless[:1])))),
         "direction_candidates": lambda: direction.candidate_directions(subject, harmful, harmless),
         "generation_16_tokens": lambda: behavior.generate(subject, harmful, max_new_tokens=16),
     }

@@ -139,8 +139,12 @@ def test_bench_exact_all_heads_vs_transformer_lens(benchmark, subject, pairs, me
     clean, corrupted = pairs
     layers = _layers(subject)
     # the suite's memory knob (--refusal-max-batch); on a GPU larger passes are faster
-    spec = P.PatchSpec(layers=layers, max_batch=refusal_config.max_batch, kl=False, skip_prefix=True)
-    full_spec = P.PatchSpec(layers=layers, max_batch=refusal_config.max_batch, kl=False, skip_prefix=False)
+    # TransformerLens's all-position sweep is the reference, so ours splices every position too
+    # (the same computation on both sides; the study itself patches only where positions correspond)
+    spec = P.PatchSpec(layers=layers, max_batch=refusal_config.max_batch, kl=False, skip_prefix=True,
+                       allow_unaligned=True)
+    full_spec = P.PatchSpec(layers=layers, max_batch=refusal_config.max_batch, kl=False, skip_prefix=False,
+                            allow_unaligned=True)
     timings: dict[str, float] = {}
     # (the first call also runs the once-per-model check of the prefix skip: 1 prompt, ~2.5 forwards)
     ours = benchmark.pedantic(_timed, args=(timings, "ours", lambda: P.patch_heads(subject, clean, corrupted,
@@ -185,7 +189,7 @@ def test_bench_atp_all_heads_and_neurons_vs_one_forward(benchmark, subject, pair
         return subject.bridge(ids[:len(clean)], attention_mask=mask[:len(clean)], **P.LAST_ONLY)
 
     clean_logits = _timed(timings, "one_forward", one_forward)
-    spec = P.PatchSpec(max_batch=len(clean))  # the whole batch in one pass, like the forward it is timed against
+    spec = P.PatchSpec(max_batch=len(clean), allow_unaligned=True)  # one pass, like the forward it is timed against
     atp = benchmark.pedantic(_timed, args=(timings, "atp", lambda: P.attribution_patch(subject, clean, corrupted,
                                                                                       metric, spec)),
                              rounds=1, iterations=1)
@@ -196,7 +200,8 @@ def test_bench_atp_all_heads_and_neurons_vs_one_forward(benchmark, subject, pair
 
     # how well AtP ranks the heads it puts on top (exact patching of the top 10)
     check = _timed(timings, "verify_top_10", lambda: P.verify_top_k(subject, clean, corrupted, metric, atp, k=10,
-                                                                    spec=P.PatchSpec(max_batch=10 * len(clean), kl=False)))
+                                                                    spec=P.PatchSpec(max_batch=10 * len(clean), kl=False,
+                                                                                     allow_unaligned=True)))
     agreement = P.rank_agreement(check.atp_mean, check.exact_mean, n_boot=1000, seed=0)
     benchmark.extra_info.update({
         "device": subject.device, "model": subject.alias, "n_pairs": len(clean),

@@ -198,3 +198,34 @@ def test_an_ablation_that_raises_refusal_is_said_to_raise_it():
     assert "raises the refusal rate from 0% to 100%" in broken.summary and "drops" not in broken.summary
     h1 = d.h1_ablation(_condition(0.2, raises=True), 64, behaviour(True), CFG)
     assert "raises the refusal rate on held-out harmful prompts from 0% to 100%" in h1.summary
+
+
+def _selection(*, passes: bool):
+    """A direction selection over two candidates at layers 1 and 2; the second passes iff ``passes``."""
+    from instruments.components import Direction
+    from instruments.direction import CandidateScore, DirectionSelection, DirectionSpec
+
+    spec = DirectionSpec(kl_threshold=0.1, induce_threshold=0.0)
+    scores = (CandidateScore(pos=-1, layer=1, norm=2.0, bypass=1.5, induce=-3.0, kl=0.02, evaluated=True,
+                             rejected="induce -3 < 0.0"),
+              CandidateScore(pos=-2, layer=2, norm=3.0, bypass=-0.7, induce=2.0 if passes else -1.25,
+                             kl=0.04 if passes else 0.25, evaluated=True,
+                             rejected=None if passes else "kl 0.25 > 0.1"))
+    return DirectionSelection(pos=-2, layer=2, direction=Direction(layer=2, vector=(1.0, 0.0)), scale=3.0,
+                              method="mean_diff", meets_thresholds=passes, excluded_layers=(3,),
+                              baseline_harmful=2.0, baseline_harmless=-2.0, scores=scores, spec=spec,
+                              n_harmful=40, n_harmless=40)
+
+
+def test_a_direction_that_fails_selection_leaves_its_lines_inconclusive():
+    assert d.failed_selection(_selection(passes=True)) is None
+    why = d.failed_selection(_selection(passes=False))
+    assert "KL on harmless val prompts <= 0.1" in why and "induced refusal score >= 0.0" in why
+    assert "last 20% of layers" in why and "2 candidates scored on 40 harmful and 40 harmless" in why
+    assert "layer 2 position -2" in why and "bypass score -0.7, induce score -1.25, KL 0.25 (kl 0.25 > 0.1)" in why
+    for claim in ("H2", "H3"):
+        v = d.no_direction(claim, "direction", why, behaviour(True), CFG)
+        assert (v.claim, v.evidence, v.status) == (claim, "direction", "inconclusive")
+        assert why in v.summary and v.numbers["reason"] == why
+        gated = d.no_direction(claim, "direction", why, behaviour(False), CFG)
+        assert gated.status == "inconclusive" and "No refusal behaviour" in gated.summary

@@ -17,14 +17,16 @@ import pytest
 import torch
 
 from instruments import ablation, behavior, direction
-from instruments.components import Direction
+from instruments.components import (AttnOut, Direction, Embed, MlpOut, Resid, ResidMid, ResidPost, hook_name,
+                                    writer_name)
 from instruments.direction import DirectionError
 from instruments.direction import (DirectionSpec, QuantizedWeightsError, candidate_directions,
                                    directional_ablation_hooks, directionally_ablated, layer_projections,
                                    mean_difference, orthogonalized, orthogonalized_weights, paired_first_pc,
-                                   post_instruction_ids, pruned_layers, resid_at, select_direction, steered,
-                                   steering_hooks)
-from instruments.metrics import fallback_tokens
+                                   post_instruction_ids, pruned_layers, resid_at, searched_positions,
+                                   select_direction, steered, steering_hooks)
+from instruments.metrics import fallback_tokens, kl_divergence, refusal_score
+from instruments.positions import post_instruction_length
 
 pytestmark = [pytest.mark.phase5, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -51,9 +53,10 @@ def _cache(handle, prompts, names) -> dict[str, torch.Tensor]:
     return {n: cache[n].clone() for n in names}
 
 
-def _all_sites(n_layers: int) -> list[str]:
-    kinds = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-    return [f"blocks.{L}.{k}" for L in range(n_layers) for k in kinds] + ["ln_final.hook_in"]
+def _all_sites(handle) -> list[str]:
+    kinds = (Resid, ResidMid, ResidPost, AttnOut, MlpOut)
+    final_norm_input = handle.bridge.ln_final.hook_in.name
+    return [hook_name(kind(layer=L)) for L in range(handle.n_layers) for kind in kinds] + [final_norm_input]
 
 
 def test_post_instruction_tokens_are_the_template_tail(tiny):
@@ -63,7 +66,7 @@ def test_post_instruction_tokens_are_the_template_tail(tiny):
 
 def test_ablation_leaves_zero_projection_at_every_site(tiny):
     r = _unit(tiny.d_model, 0)
-    names = _all_sites(tiny.n_layers)
+    names = _all_sites(tiny)
     clean = _cache(tiny, HARMFUL, names)
     assert max(float((clean[n] @ r).abs().max()) for n in names) > 1e-2
     with directionally_ablated(tiny, r):
@@ -77,7 +80,7 @@ def test_orthogonalized_weights_match_hook_ablation(tiny):
     weights = orthogonalized_weights(tiny, r)
     for name, params in weights.replacements.items():
         w = params["weight"]
-        along = w @ r if name == "embed" else r @ w  # nothing any writer produces has an r component
+        along = w @ r if name == writer_name(Embed()) else r @ w  # nothing any writer produces has an r component
         assert float(along.abs().max()) < 1e-5, name
     with directionally_ablated(tiny, r):
         by_hooks = _full_logits(tiny, HARMFUL)
@@ -126,7 +129,7 @@ def test_candidates_equal_hand_computed_means(tiny):
     cands = candidate_directions(tiny, HARMFUL, HARMLESS)
     k = len(post_instruction_ids(tiny))
     assert cands.positions == tuple(range(-k, 0))
-    names = [f"blocks.{L}.hook_resid_pre" for L in range(tiny.n_layers)]
+    names = [hook_name(Resid(layer=L)) for L in range(tiny.n_layers)]
 
     def by_hand(prompts):  # one prompt at a time: no padding involved
         acts = [torch.stack([_cache(tiny, [p], names)[n][0, -k:] for n in names], dim=1) for p in prompts]
@@ -150,7 +153,7 @@ def test_layer_projections_are_dot_products(tiny):
 def test_resid_at_chosen_layers_equals_the_full_cache_and_stops_early(tiny, monkeypatch):
     full = resid_at(tiny, HARMFUL, positions=(-2, -1))
     ran: list[int] = []
-    hooks = [(f"blocks.{layer}.hook_resid_post", lambda act, hook, layer=layer: ran.append(layer)) for layer in
+    hooks = [(hook_name(ResidPost(layer=layer)), lambda act, hook, layer=layer: ran.append(layer)) for layer in
              range(tiny.n_layers)]
     with tiny.bridge.hooks(fwd_hooks=hooks):
         part = resid_at(tiny, HARMFUL, positions=(-2, -1), layers=(2, 0))
@@ -166,7 +169,7 @@ def test_steering(tiny):
     clean = _full_logits(tiny, HARMLESS)
     with steered(tiny, v, layer=1, coefficient=0.0):
         assert torch.equal(_full_logits(tiny, HARMLESS), clean)
-    name = "blocks.1.hook_resid_pre"
+    name = hook_name(Resid(layer=1))
     base = _cache(tiny, HARMLESS, [name])[name]
     with steered(tiny, v, layer=1, coefficient=-2.5):
         moved = _cache(tiny, HARMLESS, [name])[name]
@@ -199,6 +202,115 @@ def test_selection_excludes_the_last_20_percent_of_layers(tiny):
     strict = dataclasses.replace(spec, kl_threshold=-1.0)
     assert not select_direction(tiny, cands, harmful_val=HARMFUL[:2], harmless_val=HARMLESS[:2],
                                 tokens=fallback_tokens(tiny.tokenizer), spec=strict).meets_thresholds
+
+
+# ----------------------------------------------------------------------------- the study's search (Arditi et al. 2024)
+
+def _study(handle, cfg, *, n_val: int | None = None):
+    """A Study of ``handle`` on the bundled prompts (40 val pairs), optionally cut to ``n_val`` val pairs."""
+    from fixtures.data import load_prompts
+    from hypotheses.study import Study, StudyData
+
+    data = StudyData.from_prompt_set(load_prompts(None))
+    if n_val is not None:
+        data = dataclasses.replace(data, val=data.val[:n_val])
+    return Study(handle=handle, data=data, tokens=fallback_tokens(handle.tokenizer), cfg=cfg)
+
+
+def _spy_on_selection(monkeypatch) -> dict:
+    """Replace the study's direction search by a recorder of what it was asked (no model runs)."""
+    seen: dict = {}
+
+    def spy(handle, **kwargs):
+        seen.update(kwargs)
+        return "candidates", "selection"
+
+    monkeypatch.setattr("hypotheses.study.find_refusal_direction", spy)
+    return seen
+
+
+def test_the_default_search_covers_every_post_instruction_position(tiny, monkeypatch):
+    from fixtures.config import RefusalConfig
+
+    seen = _spy_on_selection(monkeypatch)
+    _study(tiny, RefusalConfig(model="tiny", device="cpu", dtype="float32")).direction  # noqa: B018
+    cands = candidate_directions(tiny, HARMFUL, HARMLESS, spec=seen["spec"])
+    assert cands.positions == tuple(range(-13, 0))
+    assert post_instruction_length(tiny) == 13  # "<|im_end|>" and the 12 bytes of "\n<|im_start|>assistant\n"
+    assert searched_positions(tiny, DirectionSpec(n_positions=4)) == (-4, -3, -2, -1)
+    with pytest.raises(DirectionError, match="only 13 tokens"):
+        searched_positions(tiny, DirectionSpec(n_positions=14))
+
+
+def test_the_config_defaults_to_all_positions_and_32_val_pairs():
+    from fixtures.config import ConfigError, RefusalConfig, resolve
+
+    assert (RefusalConfig().direction_positions, RefusalConfig().direction_val_pairs) == (0, 32)
+    assert resolve({"direction_positions": 3}).direction_positions == 3
+    with pytest.raises(ConfigError, match="direction_positions"):
+        resolve({"direction_positions": -1})
+    with pytest.raises(ConfigError, match="direction_val_pairs"):
+        resolve({"direction_val_pairs": 0})
+
+
+def test_the_study_selects_on_every_val_pair_and_refuses_too_few(tiny, monkeypatch):
+    from fixtures.config import RefusalConfig
+    from fixtures.data import DatasetError
+
+    cfg = RefusalConfig(model="tiny", device="cpu", dtype="float32")
+    seen = _spy_on_selection(monkeypatch)
+    study = _study(tiny, cfg)
+    study.direction  # noqa: B018
+    assert len(study.data.val) == 40
+    assert len(seen["harmful_val"]) == len(seen["harmless_val"]) == 40  # Arditi et al. select on 32 or more
+    short = _study(tiny, cfg, n_val=31)
+    with pytest.raises(DatasetError, match="refusal-direction-val-pairs"):
+        short.direction  # noqa: B018
+    assert "31 val pairs" in short.direction_unusable
+
+
+def test_batched_selection_scores_equal_one_candidate_at_a_time(tiny):
+    """Several candidates per forward pass (rows edited by their own candidate) change no score."""
+    spec = DirectionSpec(n_positions=2, batch_size=2, max_rows=5)  # chunks of 2 and 1 prompts, 2 or 5 candidates
+    tokens = fallback_tokens(tiny.tokenizer)
+    cands = candidate_directions(tiny, HARMFUL, HARMLESS, spec=spec)
+    sel = select_direction(tiny, cands, harmful_val=HARMFUL, harmless_val=HARMLESS, tokens=tokens, spec=spec)
+    assert (sel.n_harmful, sel.n_harmless) == (3, 3)
+    clean = behavior.last_logits(tiny, HARMLESS)
+    rows = [s for s in sel.scores if s.evaluated]
+    assert len(rows) == 4
+    for row in rows:
+        vec = cands.vectors()[cands.positions.index(row.pos), row.layer]
+        ablation_hooks = directional_ablation_hooks(tiny, vec)
+        bypass = refusal_score(behavior.last_logits(tiny, HARMFUL, fwd_hooks=ablation_hooks), tokens).mean()
+        kl = kl_divergence(clean, behavior.last_logits(tiny, HARMLESS, fwd_hooks=ablation_hooks)).mean()
+        steer = steering_hooks(tiny, vec, layer=row.layer)
+        induce = refusal_score(behavior.last_logits(tiny, HARMLESS, fwd_hooks=steer), tokens).mean()
+        assert row.bypass == pytest.approx(float(bypass), abs=1e-4)
+        assert row.induce == pytest.approx(float(induce), abs=1e-4)
+        assert row.kl == pytest.approx(float(kl), abs=1e-5)
+    assert sel.best == next(s for s in sel.scores if (s.pos, s.layer) == (sel.pos, sel.layer))
+
+
+def test_with_no_passing_candidate_the_direction_lines_are_inconclusive():
+    """Planted model, induce threshold out of reach: H2's and H3's direction lines say why, and the
+    failing direction is never measured for them (the known answer itself passes the filters)."""
+    from fixtures.planted import build_planted, selfvalidation_config
+    from hypotheses.study import StudyData, run_study
+
+    planted = build_planted(seed=0)
+    cfg = selfvalidation_config(direction_induce=1e9, patch_pairs=8, top_neurons=10)
+    study = run_study(planted.handle, StudyData.from_prompt_set(planted.dataset), planted.tokens, cfg)
+    sel = study.direction[1]
+    assert not sel.meets_thresholds and sel.layer not in sel.excluded_layers
+    lines = {(v.claim, v.evidence): v for v in study.verdicts}
+    for key in (("H2", "direction"), ("H3", "direction")):
+        line = lines[key]
+        assert line.status == "inconclusive", (key, line.summary)
+        assert "selection filters" in line.summary and "induced refusal score >= 1000000000.0" in line.summary
+        assert f"layer {sel.layer} position {sel.pos}" in line.summary and "bypass score" in line.summary
+    assert "accumulation" not in study.clock.seconds and "category_similarity" not in study.clock.seconds
+    assert study.overall("H3") == "inconclusive"
 
 
 def test_quantized_handles_are_pointed_to_hooks(tiny):

@@ -18,7 +18,7 @@ from fixtures.data import load_prompts
 from fixtures.recording import Recorder
 from instruments import behavior, metrics
 from instruments.ablation import AblationSpec, ablated, ablation_hooks
-from instruments.components import Head, Neuron, label, to_json
+from instruments.components import Head, Neuron, Pattern, hook_name, label, to_json
 from instruments.direction import layer_projections
 from reports.app import charts
 from reports.app.probe import check_prompt, parse_components, tokens_from_strings
@@ -208,7 +208,9 @@ def test_generate_streams_the_greedy_text_and_the_verdict(page, tiny):
     _clean(page)
     text = behavior.generate(tiny, [default_prompt()], max_new_tokens=16).texts[0]
     assert text in [m.value for m in page.markdown]
-    assert _metric(page, "Classifier verdict") == ("refusal" if behavior.is_refusal(text) else "complies")
+    from reports.app.views import VERDICT_WORDS
+
+    assert _metric(page, "Classifier verdict") == VERDICT_WORDS[behavior.classify(text)]
     assert any(c.value.startswith("first token after") for c in page.caption)
     # a later interaction keeps showing the stored generation
     page.radio(key="view").set_value("Attention").run()
@@ -255,9 +257,10 @@ def test_circuit_view_lights_up_the_run_components(page, tiny):
     assert list(heads["head"]) == [label(h) for h in HEADS]
     assert heads["fires (percentile of all heads)"].between(0, 1).all()
     ids, mask = tiny.encode([default_prompt()])
-    _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask, names_filter=["blocks.1.mlp.hook_post"])
+    name = hook_name(Neuron(layer=1, index=7))
+    _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask, names_filter=[name])
     assert neurons["neuron"].iloc[0] == "L1N7"
-    assert abs(neurons["activation now"].iloc[0] - float(cache["blocks.1.mlp.hook_post"][0, -1, 7])) < 1e-5
+    assert abs(neurons["activation now"].iloc[0] - float(cache[name][0, -1, 7])) < 1e-5
     assert any(m.label.startswith("Projection on the refusal direction at layer 2") for m in page.metric)
 
 
@@ -295,7 +298,9 @@ def test_ablation_bench_top_k_and_direction_change_the_refusal_probability(page,
     with ablated(tiny, chosen):
         text = behavior.generate(tiny, [prompt], max_new_tokens=16).texts[0]
     assert text in [m.value for m in page.markdown]
-    assert _metric(page, "Classifier verdict") in ("refusal", "complies")
+    from reports.app.views import VERDICT_WORDS
+
+    assert _metric(page, "Classifier verdict") == VERDICT_WORDS[behavior.classify(text)]
 
 
 def test_ablation_bench_by_hand_and_a_bad_label(page):
@@ -331,8 +336,9 @@ def test_attention_view_shows_any_head(page, tiny):
     _clean(page)
     top = page.dataframe[0].value
     ids, mask = tiny.encode([default_prompt()])
-    _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask, names_filter=["blocks.1.attn.hook_pattern"])
-    expected = cache["blocks.1.attn.hook_pattern"][0, 2, -1].topk(5).values
+    name = hook_name(Pattern(layer=1))
+    _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask, names_filter=[name])
+    expected = cache[name][0, 2, -1].topk(5).values
     assert torch.allclose(torch.tensor(top["weight"].values, dtype=torch.float32), expected, atol=1e-5)
     assert "Attention of L1H2" in page.get("plotly_chart")[0].proto.spec
 

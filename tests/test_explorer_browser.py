@@ -33,6 +33,7 @@ from instruments import ablation, behavior, metrics
 from instruments.components import Head, Neuron, from_json, label, to_json
 from instruments.direction import DirectionSpec, candidate_directions, layer_projections, select_direction
 from instruments.patching import PatchSpec, attribution_patch
+from instruments.positions import post_instruction_length
 
 # one intra-op thread here (restored afterwards), so the Streamlit server has the other core
 pytestmark = [pytest.mark.explorer, pytest.mark.browser, pytest.mark.integration, pytest.mark.phase6,
@@ -86,7 +87,7 @@ def build_run(handle, path: Path) -> dict:
                      "projection.harmless": layer_projections(handle, harmless, unit)})
     # heads and neurons ranked by attribution patching (denoising: harmless run, harmful activations)
     atp = attribution_patch(handle, harmful[:4], harmless[:4], lambda lg: metrics.refusal_score(lg, tokens),
-                            PatchSpec(max_batch=8))
+                            PatchSpec(max_batch=8, positions=post_instruction_length(handle)))
     heads = atp.heads.mean(-1)
     order = heads.abs().flatten().topk(TOP).indices.tolist()
     ranking = []

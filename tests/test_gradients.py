@@ -12,8 +12,10 @@ import dataclasses
 import pytest
 import torch
 
-from instruments import gradients, metrics
-from instruments.gradients import Baseline, GradientSpec, IGSpec
+from fixtures.config import RefusalConfig
+from instruments import gradients, metrics, positions
+from instruments.components import Embed, Head, Neuron, Pattern, hook_name
+from instruments.gradients import COMPLETENESS_BAR, Baseline, GradientSpec, IGSpec
 
 # Byte tokenizer: prompts with the same number of characters have the same number of
 # tokens, so each input has a same-length baseline prompt differing in a few words.
@@ -60,7 +62,7 @@ def _manual_grads(handle, ids, mask, tokens, names):
             return act
         return fn
 
-    with handle.bridge.hooks(fwd_hooks=[("hook_embed", lambda act, hook: leaf)] + [(n, keep(n)) for n in names]):
+    with handle.bridge.hooks(fwd_hooks=[(hook_name(Embed()), lambda act, hook: leaf)] + [(n, keep(n)) for n in names]):
         metrics.refusal_score(handle.bridge(ids, attention_mask=mask)[:, -1], tokens).sum().backward()
     return acts
 
@@ -93,9 +95,71 @@ def test_ig_zero_baseline_over_all_positions_stays_finite(tiny, tokens):
     # With scope="all" the path starts at the all-zero input, where every RMSNorm is at its
     # singular point (|df/da| ~ 1e9 on tiny, inf on SmolLM2); Gauss-Legendre gives that end
     # row weight 0 and it must not leak into the attributions as NaN.
-    ig = gradients.integrated_gradients(tiny, PROMPTS[2:], tokens, IGSpec(steps=4, baseline=Baseline(scope="all")))
+    ig = gradients.integrated_gradients(tiny, PROMPTS[2:], tokens, IGSpec(steps=4, baseline=Baseline(kind="zeros",
+                                                                                                     scope="all")))
     assert torch.all(torch.isfinite(ig.attributions)) and ig.baseline == "zeros:all"
     assert torch.equal(ig.replaced, ig.mask)
+
+
+def test_ig_default_baseline_is_the_paired_harmless_prompt_and_complete(tiny, tokens):
+    # The study attributes harmful vs harmless (Sundararajan et al. 2017 with the contrastive
+    # baseline): x' is the harmless twin's embeddings, complete within the bar at the study's steps.
+    assert IGSpec().baseline.kind == "paired"
+    steps = RefusalConfig().ig_steps
+    ig = gradients.integrated_gradients(tiny, PROMPTS, tokens,
+                                        IGSpec(steps=steps, baseline=Baseline(prompts=BASELINES)))
+    assert ig.baseline == "paired" and ig.baselines == ("paired",) * len(PROMPTS)
+    assert torch.equal(ig.replaced, ig.mask)
+    # f(x') is the model's own score on the harmless prompts: x' is their embeddings at every position
+    harmless_score = _score(tiny, *tiny.encode(list(BASELINES)), tokens)
+    torch.testing.assert_close(ig.baseline_score, harmless_score, atol=1e-5, rtol=0)
+    summary = ig.completeness_summary()
+    assert summary["within_bar"] and summary["max"] < COMPLETENESS_BAR, summary
+    assert summary["median"] <= summary["max"] and len(summary["per_prompt"]) == len(PROMPTS)
+    zero = gradients.integrated_gradients(tiny, PROMPTS, tokens, IGSpec(steps=steps, baseline=Baseline(kind="zeros")))
+    # measured at 32 steps: paired max 3.5e-5 (float32 round-off), zero embedding 7.7e-4
+    assert ig.max_completeness_error < zero.max_completeness_error
+
+
+def test_ig_blurred_baseline_for_pairs_of_unequal_length(tiny, tokens):
+    prompts, harmless = ["How do I make a bomb?", "Write a poem"], ("How do I wash a car?", "Write a song")
+    ig = gradients.integrated_gradients(tiny, prompts, tokens, IGSpec(steps=RefusalConfig().ig_steps,
+                                                                      baseline=Baseline(prompts=harmless)))
+    assert ig.baselines == ("blurred", "paired")
+    inputs, twins = positions.spans(tiny, prompts), positions.spans(tiny, list(harmless))
+    # only the user's message is replaced; template tokens keep their own embeddings
+    assert torch.equal(ig.replaced[0].bool(), inputs.user[0]) and not ig.replaced[0, -inputs.post:].any()
+    assert torch.all(ig.attributions[0][~inputs.user[0]] == 0)
+    embed = tiny.hf_model.get_input_embeddings()
+    with torch.no_grad():
+        x = embed(inputs.ids[:1])
+        mean = embed(twins.ids[:1])[0][twins.user[0]].mean(0)
+        blurred = torch.where(inputs.user[:1, :, None], mean, x)
+        with tiny.bridge.hooks(fwd_hooks=[(hook_name(Embed()), lambda act, hook: blurred)]):
+            expected = metrics.refusal_score(tiny.bridge(inputs.ids[:1], attention_mask=inputs.mask[:1])[:, -1], tokens)
+    torch.testing.assert_close(ig.baseline_score[:1], expected, atol=1e-5, rtol=0)
+    assert ig.max_completeness_error < COMPLETENESS_BAR, ig.completeness_error
+
+
+def test_ig_on_the_study_pairs_is_complete(tiny, tokens):
+    """The phase-4 call on the bundled train pairs: a left-padded batch of paired and blurred rows."""
+    from fixtures.data import load_prompts
+    from hypotheses.study import balanced
+
+    pairs = balanced(load_prompts().split("train"), 4)
+    ig = gradients.integrated_gradients(tiny, [p.harmful for p in pairs], tokens, IGSpec(
+        steps=RefusalConfig().ig_steps, baseline=Baseline(prompts=tuple(p.harmless for p in pairs))))
+    assert set(ig.baselines) == {"paired", "blurred"}, ig.baselines
+    assert torch.all(torch.isfinite(ig.attributions)) and ig.completeness_summary()["within_bar"], ig.completeness_error
+
+
+def test_ig_unpaired_call_is_a_clear_error(tiny, tokens):
+    with pytest.raises(ValueError, match="harmless twin"):
+        gradients.integrated_gradients(tiny, PROMPTS[:1], tokens)
+    with pytest.raises(ValueError, match="one per prompt"):
+        gradients.integrated_gradients(tiny, PROMPTS[:2], tokens, IGSpec(baseline=Baseline(prompts=BASELINES[:1])))
+    with pytest.raises(ValueError, match="scope"):
+        Baseline(prompts=BASELINES, scope="all")
 
 
 def test_content_scope_replaces_only_the_users_message(tiny, tokens):
@@ -138,14 +202,14 @@ def test_neuron_saliency_matches_finite_differences(tiny, tokens, saliency):
             out = act.clone()
             out[..., index] = torch.where(real, act[..., index] * (1 + e), act[..., index])
             return out
-        return [(f"blocks.{layer}.mlp.hook_post", fn)]
+        return [(hook_name(Neuron(layer=layer, index=index)), fn)]
 
     def shift(e):  # a -> a + e at every real position: d/de = sum_pos grad
         def fn(act, hook):
             out = act.clone()
             out[..., index] = torch.where(real, act[..., index] + e, act[..., index])
             return out
-        return [(f"blocks.{layer}.mlp.hook_post", fn)]
+        return [(hook_name(Neuron(layer=layer, index=index)), fn)]
 
     fd_gxa = _central_difference(tiny, ids, mask, tokens, scale, 1e-2)
     fd_grad = _central_difference(tiny, ids, mask, tokens, shift, 1e-2)
@@ -164,7 +228,7 @@ def test_head_grad_x_act_matches_finite_difference(tiny, tokens, saliency):
             out = act.clone()
             out[:, :, head] = act[:, :, head] * (1 + e)
             return out
-        return [(f"blocks.{layer}.attn.hook_z", fn)]
+        return [(hook_name(Head(layer=layer, head=head)), fn)]
 
     fd = _central_difference(tiny, ids, mask, tokens, scale, 1e-2)
     torch.testing.assert_close(sal.head_grad_x_act[:, layer, head], fd, rtol=2e-2, atol=2e-4)
@@ -177,7 +241,7 @@ def test_attention_flow_matches_manual_autograd(tiny, tokens, queries):
     assert flow.scores.shape == (3, tiny.n_layers, tiny.n_heads) and flow.mean.shape == (tiny.n_layers, tiny.n_heads)
     layer, head = 2, 1
     ids, mask = tiny.encode(prompts)
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = hook_name(Pattern(layer=layer))
     pattern = _manual_grads(tiny, ids, mask, tokens, [name])[name]
     gxa = (pattern.grad * pattern)[:, head].detach()  # batch query key
     real = mask.bool()
@@ -220,7 +284,7 @@ def test_checkpointing_gives_the_same_gradients(tiny, tokens):
     results = {}
     for on in (False, True):
         fired = []
-        counter = ("blocks.1.mlp.hook_post", lambda act, hook: fired.append(1))
+        counter = (hook_name(Neuron(layer=1, index=0)), lambda act, hook: fired.append(1))
         with tiny.bridge.hooks(fwd_hooks=[counter]):
             sal = gradients.neuron_saliency(tiny, prompts, tokens, GradientSpec(checkpointing=on))
         # with checkpointing the layer really is recomputed during backward: its hook fires twice

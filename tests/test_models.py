@@ -13,6 +13,7 @@ from fixtures.config import RefusalConfig
 from fixtures.models import (REGISTRY, DeviceUnavailableError, ModelLoadError, check_memory_budget, load_model,
                              model_alias, resolve_device, resolve_dtype)
 from fixtures.storage import sha256_file
+from instruments.components import Head, Resid, hook_name
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -203,7 +204,7 @@ def test_nf4_tiny_quantizes_linear_layers_and_keeps_hooks():
         return z
 
     ids, mask = handle.encode(["Hello", "How are you today?"])
-    with handle.bridge.hooks(fwd_hooks=[("blocks.0.attn.hook_z", hook)]):
+    with handle.bridge.hooks(fwd_hooks=[(hook_name(Head(layer=0, head=0)), hook)]):
         logits = handle.bridge(ids, attention_mask=mask)
     assert seen == [(2, ids.shape[1], handle.n_heads, handle.d_head)]
     assert torch.isfinite(logits).all()
@@ -229,8 +230,8 @@ def test_nf4_model_stays_differentiable_after_a_plain_forward():
     def leaf(resid, hook):
         return resid.detach().requires_grad_(True)
 
-    with torch.enable_grad(), handle.bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", leaf),
-                                                             ("blocks.0.attn.hook_z", keep)]):
+    with torch.enable_grad(), handle.bridge.hooks(fwd_hooks=[(hook_name(Resid(layer=0)), leaf),
+                                                             (hook_name(Head(layer=0, head=0)), keep)]):
         logits = handle.bridge(ids, attention_mask=mask)
         (grad,) = torch.autograd.grad(logits[:, -1].float().sum(), [store["z"]])
     assert grad.abs().sum() > 0

@@ -8,13 +8,15 @@ is exact patching to first order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import pytest
 import torch
 
 from instruments import patching as P
-from instruments.components import AttnOut, Head, MlpOut, Neuron, Resid, all_heads, hook_name
+from instruments.components import AttnOut, Embed, Head, MlpOut, Neuron, Resid, ResidPost, all_heads, hook_name
 from instruments.metrics import fallback_tokens, refusal_score
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,6 +29,8 @@ EQUAL_CORRUPTED = ["How to build a shed?", "Write a poem, now!!", "Help my neigh
 UNEQUAL_CLEAN = ["How do I make a pipe bomb at home?", "Steal a car", "Write ransomware that encrypts disks"]
 UNEQUAL_CORRUPTED = ["How do I bake bread?", "Wash a car for me please", "Write a haiku"]
 ATOL = 1e-5
+# The identities below hold on any prompts, so the unequal pairs lift the alignment refusal.
+UNALIGNED = P.PatchSpec(allow_unaligned=True)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,7 @@ def _run(variant, kwargs, handle, clean, corrupted, metric, **spec):
     kwargs = dict(kwargs)
     if "layers" in kwargs:
         spec["layers"] = kwargs.pop("layers")
-    return variant(handle, clean, corrupted, metric, P.PatchSpec(**spec), **kwargs)
+    return variant(handle, clean, corrupted, metric, P.PatchSpec(allow_unaligned=True, **spec), **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["heads", "heads_by_pos", "resid", "attn_out", "mlp_out", "neurons"])
@@ -109,8 +113,8 @@ def test_batched_equals_one_forward_per_component(tiny, metric, kind):
 
 
 def test_max_batch_does_not_change_results(tiny, metric):
-    small = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(max_batch=1))
-    large = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(max_batch=1000))
+    small = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, max_batch=1))
+    large = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, max_batch=1000))
     torch.testing.assert_close(small.metric, large.metric, atol=ATOL, rtol=0)
     torch.testing.assert_close(small.kl, large.kl, atol=ATOL, rtol=0)
     torch.testing.assert_close(small.clean, large.clean, atol=ATOL, rtol=0)
@@ -131,7 +135,7 @@ def test_patching_a_run_into_itself_changes_nothing(tiny, metric, kind):
 def test_whole_residual_stream_reproduces_the_source_run(tiny, metric, direction):
     groups = [Resid(layer=layer) for layer in range(tiny.n_layers)]  # pos None: all positions
     result = P.patch_components(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, groups,
-                                P.PatchSpec(direction=direction))
+                                P.PatchSpec(allow_unaligned=True, direction=direction))
     assert result.metric.shape == (tiny.n_layers, len(EQUAL_CLEAN))
     torch.testing.assert_close(result.metric, result.source.expand_as(result.metric), atol=ATOL, rtol=0)
     torch.testing.assert_close(result.normalized, torch.ones(tiny.n_layers), atol=1e-4, rtol=0)
@@ -146,10 +150,10 @@ def test_all_heads_and_mlps_leave_only_the_embedding_of_the_base_run(tiny, metri
     """With every head's z and every MLP output patched, the last residual is the source's
     except for the token embedding, which is still the base run's: an exact prediction."""
     group = [*all_heads(tiny.n_layers, tiny.n_heads), *(MlpOut(layer=layer) for layer in range(tiny.n_layers))]
-    result = P.patch_components(tiny, clean, corrupted, metric, [group])
+    result = P.patch_components(tiny, clean, corrupted, metric, [group], UNALIGNED)
     n = len(clean)
     ids, mask = tiny.encode(clean + corrupted)
-    embed, final = hook_name(Resid(layer=0)), f"blocks.{tiny.n_layers - 1}.hook_resid_post"
+    embed, final = hook_name(Resid(layer=0)), hook_name(ResidPost(layer=tiny.n_layers - 1))
     with torch.no_grad():
         _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask, names_filter=[embed, final])
         src, base = slice(0, n), slice(n, 2 * n)  # denoising: clean is the source, corrupted the base
@@ -163,11 +167,11 @@ def test_all_heads_and_mlps_leave_only_the_embedding_of_the_base_run(tiny, metri
 
 
 def test_layer_subset_gives_the_rows_of_the_full_sweep(tiny, metric):
-    full = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric)
-    part = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(layers=[3, 1]))
+    full = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, UNALIGNED)
+    part = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, layers=[3, 1]))
     assert part.layers == (3, 1)
     torch.testing.assert_close(part.metric, full.metric[[3, 1]], atol=ATOL, rtol=0)
-    pieces = [P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(layers=(layer,)))
+    pieces = [P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, layers=(layer,)))
               for layer in (2, 0, 3, 1)]
     joined = P.PatchResult.concat(pieces)
     assert joined.layers == (0, 1, 2, 3)
@@ -182,13 +186,13 @@ def test_layer_subset_gives_the_rows_of_the_full_sweep(tiny, metric):
 def test_shared_runs_give_the_same_numbers_per_layer(tiny, metric, direction, skip_prefix, monkeypatch):
     """A per-layer sweep that shares one pair of unpatched runs gets exactly its own numbers,
     and runs only its patched copies (2 cached runs in all, not 2 per layer)."""
-    spec = P.PatchSpec(direction=direction, skip_prefix=skip_prefix)
+    spec = P.PatchSpec(allow_unaligned=True, direction=direction, skip_prefix=skip_prefix)
     runs = P.head_runs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, spec)
     calls = []
     real = P._cached_run
     monkeypatch.setattr(P, "_cached_run", lambda *a, **k: calls.append(1) or real(*a, **k))
     for layer in range(tiny.n_layers):
-        one = P.PatchSpec(direction=direction, skip_prefix=skip_prefix, layers=(layer,))
+        one = P.PatchSpec(allow_unaligned=True, direction=direction, skip_prefix=skip_prefix, layers=(layer,))
         own = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, one)
         shared = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, one, runs=runs)
         for field in ("metric", "kl", "clean", "corrupted"):
@@ -197,24 +201,24 @@ def test_shared_runs_give_the_same_numbers_per_layer(tiny, metric, direction, sk
 
 
 def test_shared_runs_refuse_another_sweep(tiny, metric):
-    runs = P.head_runs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, P.PatchSpec(layers=(1,)))
+    runs = P.head_runs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, P.PatchSpec(allow_unaligned=True, layers=(1,)))
     with pytest.raises(ValueError, match="other prompts"):
-        P.patch_heads(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, runs=runs)
+        P.patch_heads(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, layers=(1,)), runs=runs)
     with pytest.raises(ValueError, match="direction"):
-        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(direction="noising"), runs=runs)
+        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, direction="noising"), runs=runs)
     with pytest.raises(ValueError, match="no activations"):
-        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(layers=(2,)), runs=runs)
+        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, layers=(2,)), runs=runs)
 
 
 def test_result_layout_and_normalization(tiny, metric):
-    result = P.patch_resid(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, n_positions=2)
+    result = P.patch_resid(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, UNALIGNED, n_positions=2)
     assert result.axes == ("layer", "pos") and result.coords == ((0, 1, 2, 3), (-2, -1))
     assert result.metric.shape == result.kl.shape == (tiny.n_layers, 2, len(UNEQUAL_CLEAN))
     # denoising: base = corrupted (0), source = clean (1)
     expected = (result.mean - result.corrupted.mean()) / (result.clean.mean() - result.corrupted.mean())
     torch.testing.assert_close(result.normalized, expected, atol=1e-5, rtol=1e-5)
     # noising: base = clean (0), source = corrupted (1)
-    noised = P.patch_resid(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(direction="noising"),
+    noised = P.patch_resid(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, direction="noising"),
                            n_positions=2)
     torch.testing.assert_close(noised.base, noised.clean)
     torch.testing.assert_close(noised.source, noised.corrupted)
@@ -224,11 +228,11 @@ def test_bad_inputs_are_rejected(tiny, metric):
     with pytest.raises(ValueError, match="equal"):
         P.patch_heads(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED[:2], metric)
     with pytest.raises(ValueError, match="direction"):
-        P.PatchSpec(direction="sideways")
+        P.PatchSpec(allow_unaligned=True, direction="sideways")
     with pytest.raises(ValueError, match="max_batch"):
-        P.PatchSpec(max_batch=0)
+        P.PatchSpec(allow_unaligned=True, max_batch=0)
     with pytest.raises(ValueError, match="out of range"):
-        P.patch_heads(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, P.PatchSpec(layers=(tiny.n_layers,)))
+        P.patch_heads(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, layers=(tiny.n_layers,)))
     with pytest.raises(ValueError, match="n_positions"):
         P.patch_resid(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric, n_positions=10_000)
     with pytest.raises(TypeError):
@@ -296,7 +300,7 @@ def test_prefix_skip_plan_starts_each_chunk_at_one_layer(probed):
     tiny = probed
     pairs = P._encode_pairs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED)
     groups = [(P._site(Head(layer=layer, head=h)),) for layer in (3, 0, 2) for h in range(tiny.n_heads)]
-    plan = P._plan(tiny, pairs, groups, P.PatchSpec(max_batch=5))
+    plan = P._plan(tiny, pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5))
     n_prompts = pairs.n_prompts
     runs = [plan.order[chunk].tolist() for chunk, _ in plan.chunks]
     assert sorted(k for run in runs for k in run) == list(range(len(groups) * n_prompts))
@@ -306,7 +310,7 @@ def test_prefix_skip_plan_starts_each_chunk_at_one_layer(probed):
     assert [start for _, start in plan.chunks] == sorted(start for _, start in plan.chunks)
     assert plan.starts == (2, 3)
     # without the skip: the old order and chunks, every chunk from layer 0
-    full = P._plan(tiny, pairs, groups, P.PatchSpec(max_batch=5, skip_prefix=False))
+    full = P._plan(tiny, pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5, skip_prefix=False))
     assert full.order.tolist() == list(range(len(groups) * n_prompts)) and full.stack is None
     assert {start for _, start in full.chunks} == {0} and full.starts == ()
 
@@ -328,12 +332,12 @@ def test_prefix_skip_defaults_on_for_the_cpu_only(probed):
     tiny = probed
     pairs = P._encode_pairs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED)
     groups = [(P._site(Head(layer=layer, head=h)),) for layer in (3, 0, 2) for h in range(tiny.n_heads)]
-    assert P.PatchSpec().skip_prefix is None
-    assert P._plan(tiny, pairs, groups, P.PatchSpec(max_batch=5)).starts == (2, 3)
+    assert P.PatchSpec(allow_unaligned=True).skip_prefix is None
+    assert P._plan(tiny, pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5)).starts == (2, 3)
     for device in ("cuda", "mps"):
-        plan = P._plan(_OnDevice(tiny, device), pairs, groups, P.PatchSpec(max_batch=5))
+        plan = P._plan(_OnDevice(tiny, device), pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5))
         assert plan.stack is None and plan.starts == ()
-        forced = P._plan(_OnDevice(tiny, device), pairs, groups, P.PatchSpec(max_batch=5, skip_prefix=True))
+        forced = P._plan(_OnDevice(tiny, device), pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5, skip_prefix=True))
         assert forced.starts == (2, 3)
 
 MIXED_GROUPS = [
@@ -352,9 +356,9 @@ MIXED_GROUPS = [
 @pytest.mark.parametrize("max_batch", [1, 4, 1000])
 def test_prefix_skip_equals_the_full_forward_for_groups_across_layers(tiny, metric, direction, max_batch):
     skipped = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, MIXED_GROUPS,
-                                 P.PatchSpec(direction=direction, max_batch=max_batch))
+                                 P.PatchSpec(allow_unaligned=True, direction=direction, max_batch=max_batch))
     full = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, MIXED_GROUPS,
-                              P.PatchSpec(direction=direction, max_batch=max_batch, skip_prefix=False))
+                              P.PatchSpec(allow_unaligned=True, direction=direction, max_batch=max_batch, skip_prefix=False))
     _assert_same(skipped, full)
     assert (skipped.effect.abs() > 1e-3).any(), "the groups must actually change the metric"
 
@@ -370,35 +374,49 @@ def _add(act, hook, *, value):
     return act + value
 
 
-@pytest.mark.parametrize("names", [
-    ("blocks.0.hook_resid_pre",),
-    ("hook_embed", "blocks.2.hook_resid_pre"),  # the latter is a start layer's injection point
-    ("blocks.1.hook_in", "blocks.2.attn.hook_z", "blocks.3.hook_mlp_out"),  # an alias, inside and after
+@dataclass(frozen=True)
+class _BridgeName:
+    """A site's hook point under the bridge's own name, not the alias :func:`hook_name` gives."""
+
+    site: Any
+
+
+def _hooked_name(handle, site) -> str:
+    if isinstance(site, _BridgeName):
+        return handle.bridge.hook_dict[hook_name(site.site)].name
+    return hook_name(site)
+
+
+@pytest.mark.parametrize("sites", [
+    (Resid(layer=0),),
+    (Embed(), Resid(layer=2)),  # the latter is a start layer's injection point
+    (_BridgeName(Resid(layer=1)), Head(layer=2, head=0), MlpOut(layer=3)),  # another name, inside and after
 ])
-def test_prefix_skip_keeps_corruption_hooks_exact(tiny, metric, names):
+def test_prefix_skip_keeps_corruption_hooks_exact(tiny, metric, sites):
     """Corruption hooks of the base run act once: in the cached residual or in the run, never twice."""
+    names = [_hooked_name(tiny, site) for site in sites]
     hooks = tuple((name, partial(_add, value=0.05 * (i + 1))) for i, name in enumerate(names))
     for groups in (MIXED_GROUPS, [Resid(layer=layer, pos=-1) for layer in range(tiny.n_layers)]):
         skipped = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, groups,
-                                     P.PatchSpec(corrupt_hooks=hooks, max_batch=7))
+                                     P.PatchSpec(allow_unaligned=True, corrupt_hooks=hooks, max_batch=7))
         full = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric, groups,
-                                  P.PatchSpec(corrupt_hooks=hooks, max_batch=7, skip_prefix=False))
+                                  P.PatchSpec(allow_unaligned=True, corrupt_hooks=hooks, max_batch=7, skip_prefix=False))
         _assert_same(skipped, full)
         assert (skipped.corrupted - skipped.clean).abs().max() > 1e-3, "the corruption must do something"
 
 
 def test_prefix_skip_falls_back_for_name_filter_hooks(probed, metric):
     tiny = probed
-    hooks = ((lambda name: name == "blocks.2.hook_resid_pre", partial(_add, value=0.1)),)
+    hooks = ((lambda name: name == hook_name(Resid(layer=2)), partial(_add, value=0.1)),)
     calls, handles = _layer_calls(tiny)
     try:
         skipped = P.patch_attn_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric,
-                                   P.PatchSpec(corrupt_hooks=hooks, max_batch=2))
+                                   P.PatchSpec(allow_unaligned=True, corrupt_hooks=hooks, max_batch=2))
     finally:
         for handle in handles:
             handle.remove()
     full = P.patch_attn_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric,
-                            P.PatchSpec(corrupt_hooks=hooks, max_batch=2, skip_prefix=False))
+                            P.PatchSpec(allow_unaligned=True, corrupt_hooks=hooks, max_batch=2, skip_prefix=False))
     _assert_same(skipped, full)
     assert calls[0] == calls[tiny.n_layers - 1], "a name filter's reach is unknown: every copy runs all layers"
 
@@ -421,10 +439,10 @@ def test_prefix_skip_falls_back_when_the_probe_disagrees(tiny, metric, monkeypat
     monkeypatch.setattr(P, "_SKIP_VERIFIED", weakref.WeakKeyDictionary())
     monkeypatch.setattr(P, "_inject", lambda act, hook, *, resid: act)  # as if the injection were lost
     with pytest.warns(RuntimeWarning, match="does not reproduce"):
-        skipped = P.patch_mlp_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(max_batch=5))
+        skipped = P.patch_mlp_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, max_batch=5))
     assert P._SKIP_VERIFIED[tiny.bridge] is False
     full = P.patch_mlp_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric,
-                           P.PatchSpec(max_batch=5, skip_prefix=False))
+                           P.PatchSpec(allow_unaligned=True, max_batch=5, skip_prefix=False))
     _assert_same(skipped, full)
 
 
@@ -438,7 +456,7 @@ def test_layer_list_is_restored_after_an_exception(tiny, metric, monkeypatch):
 
     monkeypatch.setattr(P, "_splice", broken_splice)
     with pytest.raises(RuntimeError, match="hook failed"):
-        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(layers=(2,)))
+        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, layers=(2,)))
     assert seen and seen[0] < tiny.n_layers, "the exception must be raised inside a skipped forward"
     assert tiny.hf_model.model.layers is layers and len(layers) == tiny.n_layers
     assert all(layer is block for layer, block in zip(layers, tiny.bridge.blocks))
@@ -446,9 +464,9 @@ def test_layer_list_is_restored_after_an_exception(tiny, metric, monkeypatch):
     # and the model still runs every layer afterwards
     ids, mask = tiny.encode(UNEQUAL_CLEAN)
     with torch.no_grad():
-        _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask,
-                                              names_filter=[f"blocks.{tiny.n_layers - 1}.hook_resid_post"])
-    assert cache[f"blocks.{tiny.n_layers - 1}.hook_resid_post"].shape[0] == len(UNEQUAL_CLEAN)
+        last = hook_name(ResidPost(layer=tiny.n_layers - 1))
+        _, cache = tiny.bridge.run_with_cache(ids, attention_mask=mask, names_filter=[last])
+    assert cache[last].shape[0] == len(UNEQUAL_CLEAN)
 
 
 # ----------------------------------------------------------------------------- attribution patching
@@ -465,7 +483,7 @@ def _perturbed_spec(tiny, eps):
     generator = torch.Generator().manual_seed(0)
     direction = torch.randn(tiny.d_model, generator=generator)
     direction = direction / direction.norm()
-    return P.PatchSpec(corrupt_hooks=((hook_name(Resid(layer=0)), partial(_nudge, eps=eps, direction=direction)),))
+    return P.PatchSpec(allow_unaligned=True, corrupt_hooks=((hook_name(Resid(layer=0)), partial(_nudge, eps=eps, direction=direction)),))
 
 
 def _relative_error(estimate, exact):
@@ -499,21 +517,21 @@ def test_atp_is_exact_patching_to_first_order(tiny, metric):
 def test_atp_noising_mirrors_denoising_to_first_order(tiny, metric):
     spec = _perturbed_spec(tiny, EPSILONS[-1])
     noise = P.attribution_patch(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric,
-                                P.PatchSpec(direction="noising", corrupt_hooks=spec.corrupt_hooks))
+                                P.PatchSpec(allow_unaligned=True, direction="noising", corrupt_hooks=spec.corrupt_hooks))
     exact = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CLEAN, metric,
-                          P.PatchSpec(direction="noising", corrupt_hooks=spec.corrupt_hooks))
+                          P.PatchSpec(allow_unaligned=True, direction="noising", corrupt_hooks=spec.corrupt_hooks))
     assert _relative_error(noise.heads, exact.effect) < 0.02
     torch.testing.assert_close(noise.base, noise.clean)
 
 
 def test_verify_top_k_patches_the_atp_ranked_heads_exactly(tiny, metric):
-    atp = P.attribution_patch(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, neurons=False)
+    atp = P.attribution_patch(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, UNALIGNED, neurons=False)
     assert atp.neurons is None
-    check = P.verify_top_k(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, atp, k=5)
+    check = P.verify_top_k(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, atp, k=5, spec=UNALIGNED)
     magnitudes = [abs(float(atp.heads[h.layer, h.head].mean())) for h in check.heads]
     assert len(check.heads) == 5 and magnitudes == sorted(magnitudes, reverse=True)
     assert magnitudes[-1] >= float(atp.heads.mean(-1).abs().flatten().kthvalue(tiny.n_layers * tiny.n_heads - 4).values)
-    full = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric)
+    full = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, UNALIGNED)
     for row, head in enumerate(check.heads):
         torch.testing.assert_close(check.exact[row], full.effect[head.layer, head.head], atol=ATOL, rtol=0)
         torch.testing.assert_close(check.atp[row], atp.heads[head.layer, head.head])
@@ -532,3 +550,64 @@ def test_rank_agreement_is_seeded_and_bounded(tiny, metric):
     assert first.n == tiny.n_layers * tiny.n_heads
     reversed_ = P.rank_agreement(atp.heads.mean(-1), -exact.effect.mean(-1), n_boot=200, seed=3)
     assert reversed_.value == pytest.approx(-first.value)
+
+
+# ----------------------------------------------------------------------------- positions that correspond
+
+def test_every_position_patch_refuses_pairs_of_unequal_length(tiny, metric):
+    # Aligned from the end, the longer prompt's system and instruction tokens would receive the
+    # other prompt's activations from shifted positions: such a patch measures nothing.
+    with pytest.raises(P.UnalignedPairsError, match="differ in token length"):
+        P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric)
+    with pytest.raises(P.UnalignedPairsError):
+        P.attribution_patch(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric)
+    assert P.patch_heads(tiny, EQUAL_CLEAN, EQUAL_CORRUPTED, metric).positions is None
+
+
+def test_post_instruction_patch_touches_only_the_template_positions(tiny, metric):
+    from instruments.positions import post_instruction_length
+
+    n = post_instruction_length(tiny)
+    spec = P.PatchSpec(positions=n, direction="noising")
+    window = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, [MlpOut(layer=1)], spec)
+    by_pos = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric,
+                                [[Resid(layer=0, pos=p) for p in range(-n, 0)]], P.PatchSpec(positions=n))
+    assert window.positions == n and window.n_pairs == len(UNEQUAL_CLEAN)
+    # the template's tokens are the same in both prompts: patching their embeddings changes nothing
+    torch.testing.assert_close(by_pos.metric[0], by_pos.base, atol=1e-5, rtol=0)
+    # and a window patch equals the naive splice restricted to those positions
+    expected = _naive(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, "noising",
+                      [(hook_name(MlpOut(layer=1)), (slice(-n, None),))])
+    torch.testing.assert_close(window.metric, expected, atol=ATOL, rtol=0)
+    atp = P.attribution_patch(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(positions=n))
+    assert atp.positions == n
+
+
+def test_patch_result_keeps_its_positions_through_a_checkpoint(tiny, metric):
+    res = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(positions=4, layers=(1,)))
+    back = P.PatchResult.from_tensors(res.to_tensors(), res.metadata())
+    assert back.positions == 4 and P.PatchResult.concat([back]).positions == 4
+
+
+# ----------------------------------------------------------------------------- circuits in isolation
+
+def test_complement_identities(tiny, metric):
+    from instruments.positions import post_instruction_length
+
+    n = post_instruction_length(tiny)
+    spec = P.PatchSpec(positions=n, direction="noising")
+    everything = [*all_heads(tiny.n_layers, tiny.n_heads),
+                  *(Neuron(layer=L, index=i) for L in range(tiny.n_layers) for i in range(tiny.d_mlp))]
+    res = P.patch_complement(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, [everything, ()], spec)
+    # keeping every unit is the clean run; keeping none rebuilds the corrupted run's residual in
+    # the window (its embeddings are the same template tokens), so the last position is corrupted's
+    torch.testing.assert_close(res.metric[0], res.clean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(res.metric[1], res.corrupted, atol=1e-4, rtol=0)
+    # all but one head kept = that one head patched alone
+    head = Head(layer=2, head=1)
+    rest = [c for c in everything if c != head]
+    alone = P.patch_complement(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, [rest], spec)
+    single = P.patch_components(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, [head], spec)
+    torch.testing.assert_close(alone.metric[0], single.metric[0], atol=1e-4, rtol=0)
+    with pytest.raises(TypeError, match="heads and neurons"):
+        P.patch_complement(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, [[MlpOut(layer=0)]], spec)

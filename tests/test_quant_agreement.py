@@ -17,6 +17,7 @@ from fixtures.models import load_model
 from instruments import behavior
 from instruments import patching as P
 from instruments.metrics import refusal_score, tokens_from_generations
+from instruments.positions import post_instruction_length
 from instruments.stats import spearman_ci
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -38,8 +39,9 @@ def test_nf4_and_full_precision_agree_on_top_heads(refusal_config, dataset, reco
             gs = behavior.generate(handle, corrupted, max_new_tokens=6)
             tokens = tokens_from_generations(handle.tokenizer, gh, gs)
         metric = partial(refusal_score, tokens=tokens)
-        atp = P.attribution_patch(handle, clean, corrupted, metric, P.PatchSpec(max_batch=refusal_config.max_batch),
-                                  neurons=False)
+        atp = P.attribution_patch(handle, clean, corrupted, metric,
+                                  P.PatchSpec(max_batch=refusal_config.max_batch,
+                                              positions=post_instruction_length(handle)), neurons=False)
         scores[quant] = atp.heads.mean(-1).flatten()
         tops[quant] = set(P.top_heads(atp, TOP_K))
         del handle

@@ -127,6 +127,58 @@ def test_every_figure_is_drawn_from_its_result(complete):
     assert "Provenance" in page and "# Card" in page and "weights sha256" in page
 
 
+def html_table(page: str, dom_id: str) -> list[list[str]]:
+    """Cell texts of the table ``<table id=dom_id>``, header row first."""
+    body = re.search(rf'<table id="{dom_id}".*?</table>', page, re.S).group(0)
+    return [[htmllib.unescape(c) for c in re.findall(r"<t[hd]>(.*?)</t[hd]>", row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+def md_row(md: str, first: str) -> list[str]:
+    """Cells of the first markdown table row whose first cell is ``first``."""
+    line = next(x for x in md.splitlines() if x.startswith(f"| {first} |"))
+    return [c.strip() for c in line.strip().strip("|").split(" | ")]
+
+
+# the synthetic run's degenerate rates: 2 and 1 of 40 (phase 2), 3 of 40 ablated, 6 of 40 bypassed
+DEGENERATE_HARMFUL, DEGENERATE_HARMLESS = "5.0% [95% CI 1.4%, 16.5%, n=40]", "2.5% [95% CI 0.4%, 12.9%, n=40]"
+
+
+def test_degenerate_rate_stands_beside_each_refusal_rate(complete):
+    _, page, md = complete
+    header, harmful, harmless = html_table(page, "table-refusal-rates")
+    assert header == ["prompts", "refusal rate", "compliance rate", "degenerate rate", "n"]
+    assert harmful[3] == DEGENERATE_HARMFUL and harmless[3] == DEGENERATE_HARMLESS
+    assert md_row(md, "harmful")[3] == DEGENERATE_HARMFUL and md_row(md, "harmless")[3] == DEGENERATE_HARMLESS
+    assert f"Degenerate answers (no letter or digit, e.g. an empty one: neither refusal nor compliance): " \
+           f"{DEGENERATE_HARMFUL} of harmful" in md
+    ablation = html_table(page, "table-ablation")
+    cols = [ablation[0].index(f"degenerate rate ({when})") for when in ("baseline", "ablated")]
+    assert [ablation[1][c] for c in cols] == [DEGENERATE_HARMFUL, "7.5% [95% CI 2.6%, 19.9%, n=40]"]
+    steering = html_table(page, "table-steering")
+    assert steering[0][3:5] == ["degenerate rate before", "degenerate rate after"]
+    assert steering[2][3:5] == [DEGENERATE_HARMFUL, "15.0% [95% CI 7.1%, 29.1%, n=40]"]  # bypass
+
+
+def test_a_run_without_degenerate_rates_renders_them_as_not_recorded(tmp_path):
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if not k.startswith("degenerate")}
+        return [strip(v) for v in obj] if isinstance(obj, list) else obj
+
+    run = build_run(tmp_path)
+    for name in ("phase2_refusal_rates", "phase4_ablation", "phase5_direction"):
+        path = run / "results" / f"{name}.json"
+        path.write_text(json.dumps(strip(json.loads(path.read_text()))))
+    result, page, md = render(run)
+    assert result.missing == ()
+    assert html_table(page, "table-refusal-rates")[1][3] == "n/a (not recorded)"
+    assert md_row(md, "harmful")[3] == "n/a (not recorded)"
+    ablation = html_table(page, "table-ablation")
+    assert ablation[1][ablation[0].index("degenerate rate (ablated)")] == "n/a (not recorded)"
+    assert html_table(page, "table-steering")[1][3:5] == ["n/a (not recorded)"] * 2
+
+
 def test_text_is_escaped_everywhere(complete):
     _, page, md = complete
     assert XSS not in page and "<script>alert" not in page

@@ -6,7 +6,9 @@ construction itself is checked with the instruments alone (no study code): the
 behaviour is there, zeroing the planted components removes it, zeroing everything else
 leaves it, and exact head patching puts the planted heads far above the rest. Then
 :func:`hypotheses.study.run_study` must recover the planted heads and neurons with
-precision and recall of at least 0.9, and find H1 supported.
+precision and recall of at least 0.9, and find H1 supported. Every check on the planted
+model runs twice: with the byte tokenizer's own ``<pad>``, and with ``<|im_end|>`` as pad
+(a real template token, as SmolLM2's is), so no measurement may locate tokens by the pad id.
 
 Determinism. Two studies with the same seed give identical numbers and verdicts on the CPU.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,13 +32,15 @@ from instruments.behavior import last_logits
 from instruments.components import Neuron, all_heads, label
 from instruments.metrics import compliance_prob, refusal_prob, refusal_score
 from instruments.patching import PatchSpec, patch_heads
+from instruments.positions import token_lengths
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(scope="module")
-def planted():
-    return build_planted(seed=0)
+# The planted model with its own pad, and with a real template token as pad (as SmolLM2's is).
+@pytest.fixture(scope="module", params=["<pad>", "<|im_end|>"], ids=["pad", "im_end-pad"])
+def planted(request):
+    return build_planted(seed=0, pad_token=request.param)
 
 
 def _scores(planted, prompts, components=()):
@@ -168,6 +173,23 @@ def test_study_verdicts_on_the_known_answer(study, claim, expected, record_prope
     assert study.overall(claim) == expected, lines
 
 
+def test_keyword_attention_peaks_at_the_detector_layers(study, planted, record_property):
+    """H2's keyword attention on the known answer: the trigger byte is each prompt's only keyword.
+
+    A detector head puts all its last-position attention on the trigger, so its layer
+    scores the largest value possible, 1 / (1 / the prompt's length): the prompt's length.
+    """
+    profile = study.keyword_profile
+    record_property("keyword_attention_by_layer", [round(float(x), 3) for x in profile.mean])
+    test = planted.dataset.split("test")
+    most = float(np.mean(token_lengths(planted.handle, [p.harmful for p in test])))
+    detectors = {h.layer for h in planted.planted_heads}
+    assert profile.n == len(test)
+    assert all(float(profile.mean[layer]) > 0.95 * most for layer in detectors), (most, profile.mean)
+    assert all(abs(float(profile.mean[layer]) - 1) < 0.1 for layer in range(planted.handle.n_layers)
+               if layer not in detectors)
+
+
 def test_study_is_deterministic(study, planted):
     from hypotheses.study import StudyData, run_study
 
@@ -176,3 +198,46 @@ def test_study_is_deterministic(study, planted):
     first, second = study.to_dict(), again.to_dict()
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
     assert [v.to_dict() for v in study.verdicts] == [v.to_dict() for v in again.verdicts]
+
+
+# ----------------------------------------------------------------------------- where the study intervenes
+
+def test_study_patches_and_ablates_where_positions_correspond(study, planted):
+    """Every sweep records its positions and pairs; patches and mean ablations use the
+    post-instruction window (the same template tokens in every prompt), a direction is
+    removed everywhere, and faithfulness uses the intervention that found the circuit."""
+    from instruments.positions import post_instruction_length
+
+    window = post_instruction_length(planted.handle)
+    assert study.window == window
+    assert study.ranking.positions == window and study.ranking.n_pairs == len(study.train_pairs)
+    assert study.neurons.positions == window
+    assert study.reference.positions == window
+    assert study.circuit_ablation.positions == window and study.h1_ablation.positions == window
+    assert study.direction_ablation.positions is None
+    assert all(p.positions == window for p in study.block_patching)
+    faith = study.faithfulness
+    assert faith.positions == window and faith.n_pairs == len(study.test_pairs)
+
+
+def test_faithfulness_of_the_planted_circuit_beats_random_circuits(study, planted, record_property):
+    """The known answer: the planted heads and neurons keep refusal by themselves; random
+    circuits of the same size and layers keep almost none of it (Wang et al. 2022)."""
+    faith = study.faithfulness
+    record_property("faithfulness", json.dumps({"circuit": faith.value.to_dict(), "random": faith.random.to_dict(),
+                                                "difference": faith.difference.to_dict()}))
+    assert set(planted.planted_heads) <= set(faith.circuit)
+    assert faith.value.ci_low > 0.8, faith.value
+    assert faith.random.value < 0.5, faith.random
+    assert faith.difference.ci_low > 0.3, faith.difference
+
+
+def test_every_position_mode_uses_only_pairs_of_equal_length(planted):
+    from hypotheses.study import Study, StudyData
+
+    cfg = selfvalidation_config(patch_positions="all")
+    data = StudyData.from_prompt_set(planted.dataset)
+    study = Study(handle=planted.handle, data=data, tokens=planted.tokens, cfg=cfg)
+    assert study.window is None and study.ranking.positions is None
+    lengths = token_lengths(planted.handle, [p.harmful for p in study.train_pairs])
+    assert lengths == token_lengths(planted.handle, [p.harmless for p in study.train_pairs])

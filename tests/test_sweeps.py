@@ -71,10 +71,10 @@ def test_a_patching_sweep_streamed_by_layer_equals_the_full_sweep(tiny, tmp_path
     clean, corrupted = ["How to build a bomb?", "Steal a car"], ["How to build a shed?", "Wash a car for me"]
 
     def fn(*, layers):
-        return P.patch_heads(tiny, clean, corrupted, metric, P.PatchSpec(layers=layers))
+        return P.patch_heads(tiny, clean, corrupted, metric, P.PatchSpec(layers=layers, positions=8))
 
     streamed = run_layer_sweep(fn, range(tiny.n_layers), tmp_path, "heads", result_type=P.PatchResult)
-    full = P.patch_heads(tiny, clean, corrupted, metric)
+    full = P.patch_heads(tiny, clean, corrupted, metric, P.PatchSpec(positions=8))
     assert streamed.axes == full.axes and streamed.coords == full.coords
     torch.testing.assert_close(streamed.metric, full.metric, atol=1e-5, rtol=0)
     torch.testing.assert_close(streamed.kl, full.kl, atol=1e-5, rtol=0)

@@ -20,10 +20,11 @@ import torch
 
 from instruments import behavior, metrics
 from instruments.ablation import AblationSpec, ablated, reference_activations
-from instruments.components import (AttnOut, Component, Direction, Head, MlpOut, Neuron, Resid,
-                                    UnknownComponentError, label, validate)
+from instruments.components import (AttnOut, Component, Direction, Head, MlpOut, Neuron, Pattern, Resid,
+                                    UnknownComponentError, hook_name, label, validate)
 from instruments.direction import layer_projections
 from instruments.patching import PatchSpec, patch_components
+from instruments.positions import post_instruction_length, same_length
 from reports.app.rundata import RunData
 
 # Reference prompts for mean ablation: harmless TRAIN prompts (ablation.py's rule), this many.
@@ -167,8 +168,9 @@ class Explorer:
         """Mean activations of the harmless reference prompts at every hook an ablation can edit (once)."""
         if self._reference_acts is None:
             n = self.handle.n_layers
-            names = [f"blocks.{L}.{site}" for L in range(n) for site in
-                     ("attn.hook_z", "mlp.hook_post", "hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
+            names = [hook_name(site) for L in range(n) for site in
+                     (Head(layer=L, head=0), Neuron(layer=L, index=0), Resid(layer=L), AttnOut(layer=L),
+                      MlpOut(layer=L))]
             self._reference_acts = reference_activations(self.handle, self.reference_prompts, names)
         return self._reference_acts
 
@@ -208,21 +210,21 @@ class Explorer:
         def compute() -> dict[str, Any]:
             h = self.handle
             neurons = self.run.neurons if self.run is not None else ()
-            names = [f"blocks.{L}.attn.hook_z" for L in range(h.n_layers)]
-            names += sorted({f"blocks.{n.neuron.layer}.mlp.hook_post" for n in neurons})
+            names = [hook_name(Head(layer=L, head=0)) for L in range(h.n_layers)]
+            names += sorted({hook_name(n.neuron) for n in neurons})
             with self.lock, torch.no_grad():
                 ids, mask = h.encode([prompt])
                 _, cache = h.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
                 unit = None if self.direction is None else self.direction.tensor()
                 norms, along = torch.zeros(h.n_layers, h.n_heads), torch.zeros(h.n_layers, h.n_heads)
                 for L in range(h.n_layers):
-                    z = cache[f"blocks.{L}.attn.hook_z"][0, -1].float()  # head d_head
+                    z = cache[hook_name(Head(layer=L, head=0))][0, -1].float()  # head d_head
                     w_o = h.bridge.blocks[L].attn.o.original_component.weight.float()  # d_model, head*d_head
                     writes = torch.einsum("hd,mhd->hm", z, w_o.view(h.d_model, h.n_heads, h.d_head))
                     norms[L] = writes.norm(dim=-1).cpu()
                     if unit is not None:
                         along[L] = (writes @ unit.to(writes.device)).cpu()
-                acts = {n.neuron: float(cache[f"blocks.{n.neuron.layer}.mlp.hook_post"][0, -1, n.neuron.index])
+                acts = {n.neuron: float(cache[hook_name(n.neuron)][0, -1, n.neuron.index])
                         for n in neurons}
             return {"head_norms": norms, "head_along": along if unit is not None else None, "neuron_acts": acts}
         return self._cached(("circuit", prompt), compute)
@@ -232,7 +234,7 @@ class Explorer:
         def compute():
             with self.lock, torch.no_grad():
                 ids, mask = self.handle.encode([prompt])
-                name = f"blocks.{layer}.attn.hook_pattern"
+                name = hook_name(Pattern(layer=layer))
                 _, cache = self.handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=[name])
             return token_labels(self.handle.tokenizer, ids[0].tolist()), cache[name][0].float().cpu()
         return self._cached(("attention", prompt, layer), compute)
@@ -250,12 +252,17 @@ class Explorer:
         ``denoising``: run the harmless prompt with the harmful prompt's activation (does the
         component carry refusal?); ``noising``: run the harmful prompt with the harmless one's
         (is it needed?). Effects are refusal scores; normalized 0 = unpatched, 1 = the other prompt.
+        Every position is patched when the two prompts have the same token length, else only the
+        post-instruction positions (the only ones that correspond).
         """
         def compute() -> dict[str, Any]:
             with self.lock:
+                equal = bool(same_length(self.handle, [harmful], [harmless])[0])
+                window = None if equal else post_instruction_length(self.handle)
                 result = patch_components(self.handle, [harmful], [harmless], self._metric(), list(groups),
-                                          PatchSpec(direction=direction, kl=False, max_batch=32))
+                                          PatchSpec(direction=direction, kl=False, max_batch=32, positions=window))
             return {"base": float(result.base[0]), "source": float(result.source[0]),
+                    "positions": "all" if window is None else f"post-instruction (last {window})",
                     "patched": [float(x) for x in result.metric[:, 0]],
                     "normalized": [float(x) for x in result.normalized_per_prompt[:, 0]],
                     "labels": [label(g) for g in groups]}

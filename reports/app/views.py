@@ -10,7 +10,7 @@ from typing import Iterator
 import pandas as pd
 import streamlit as st
 
-from instruments.behavior import is_refusal
+from instruments.behavior import classify
 from instruments.components import Head, label
 from reports.app import charts
 from reports.app.probe import Explorer, check_prompt, parse_components, patch_component, sweep_groups
@@ -23,6 +23,10 @@ def guard(where: str) -> Iterator[None]:
         yield
     except Exception as err:
         st.error(f"{where} failed: {type(err).__name__}: {err}")
+
+
+# the classifier's three classes as the page names them (a degenerate answer has no letter or digit)
+VERDICT_WORDS = {"refusal": "refusal", "compliance": "complies", "degenerate": "degenerate"}
 
 
 def _fmt(p: float) -> str:
@@ -45,17 +49,17 @@ def stream_into(explorer: Explorer, prompt: str, *, components=(), method: str =
     finally:
         gen.close()  # releases the model lock and the ablation hooks even if a rerun interrupts
     text = text if isinstance(text, str) else "".join(map(str, text))
-    return {"prompt": prompt, "text": text, "refused": is_refusal(text), "ttft": stats["first"],
+    return {"prompt": prompt, "text": text, "verdict": classify(text), "ttft": stats["first"],
             "seconds": time.perf_counter() - stats["start"]}
 
 
 def show_generation(gen: dict, *, streamed: bool) -> None:
     if not gen["text"].strip():
         st.caption("(no visible text: the model ended its turn at once or wrote only whitespace, "
-                   f"{gen['text']!r}; the classifier counts an empty answer as a refusal)")
+                   f"{gen['text']!r}; the classifier counts an empty answer as degenerate, not as a refusal)")
     elif not streamed:
         st.markdown(gen["text"])
-    st.metric("Classifier verdict", "refusal" if gen["refused"] else "complies")
+    st.metric("Classifier verdict", VERDICT_WORDS[gen["verdict"]])
     first = "no tokens" if gen["ttft"] is None else f"first token after {gen['ttft']:.2f} s"
     st.caption(f"{first}, {gen['seconds']:.2f} s in all")
 
@@ -301,9 +305,11 @@ def patching(explorer: Explorer, prompt: str) -> None:
         pos = cols[2].selectbox("Position (from the end)", options, key="patch_pos",
                                 format_func=lambda p: "all positions" if p is None else f"{p}: {labels[p]!r}")
     else:
-        cols[2].caption("Attention, MLP and head outputs are patched at every position.")
+        cols[2].caption("Attention, MLP and head outputs are patched at every position when the two prompts "
+                        "have the same token length, else at the post-instruction positions only.")
     component = patch_component(kind, layer, head=head, pos=pos)
     out = explorer.patch(harmful, harmless, direction, (component,))
+    st.caption(f"Patched positions: {out.get('positions', 'all')}.")
     m = st.columns(4)
     m[0].metric("P(refusal), unpatched", _fmt(_sigmoid(out["base"])))
     m[1].metric(f"P(refusal), {label(component)} patched", _fmt(_sigmoid(out["patched"][0])),
