@@ -246,10 +246,12 @@ class Study:
     @stage
     def direction(self):
         """(candidates, selection): candidates from all train pairs at every post-instruction position
-        (or the last ``direction_positions``), selection on every val pair (Arditi et al. 2024).
+        (or the last ``direction_positions``), selection on ``direction_val_pairs`` balanced val pairs
+        (Arditi et al. 2024: 32).
 
-        Selection scores each (position, layer) candidate on every val prompt three ways,
-        several candidates per forward pass; it is the costliest step of the study on a CPU.
+        Selection screens every (position, layer) candidate by its bypass score on a few val
+        prompts, then scores the ``direction_screen`` best three ways on every selection
+        prompt; it is the costliest step of the study on a CPU.
         """
         from fixtures.data import require_size
 
@@ -258,8 +260,8 @@ class Study:
                      what="val pairs for selecting the refusal direction (--refusal-direction-val-pairs)")
         spec = DirectionSpec(n_positions=cfg.direction_positions or None, kl_threshold=cfg.direction_kl,
                              induce_threshold=cfg.direction_induce, prune_layer_fraction=cfg.direction_prune,
-                             batch_size=cfg.batch_size, max_rows=cfg.max_batch)
-        val = self.data.val
+                             batch_size=cfg.batch_size, max_rows=cfg.max_batch, screen=cfg.direction_screen or None)
+        val = balanced(self.data.val, cfg.direction_val_pairs)
         return find_refusal_direction(self.handle, harmful_train=ev.harmful(self.data.train),
                                       harmless_train=ev.harmless(self.data.train), harmful_val=ev.harmful(val),
                                       harmless_val=ev.harmless(val), tokens=self.tokens, spec=spec)

@@ -30,7 +30,8 @@ def test_h2_keyword_attention_profile(study, recorder):
     assert (profile.mean > 0).all(), "attention mass on keywords is a share of a distribution: it is positive"
     import torch
 
-    recorder.save("h2/keyword_attention", numbers={"n": profile.n}, arrays={
+    numbers = {"n": profile.n, "n_pairs": profile.n, "positions": "last position, onto the user message's keywords"}
+    recorder.save("h2/keyword_attention", numbers=numbers, arrays={
         "mean": torch.as_tensor(profile.mean).float(), "ci_low": torch.as_tensor(profile.ci_low).float(),
         "ci_high": torch.as_tensor(profile.ci_high).float()})
 

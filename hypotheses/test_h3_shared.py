@@ -19,6 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hypotheses.evidence import positions_label
+
 pytestmark = [pytest.mark.h3, pytest.mark.integration]
 
 
@@ -40,7 +42,8 @@ def test_h3_cross_category_matrix(study, recorder):
     assert abs(sim_matrix.diagonal() - 1).max() < 1e-6, "cosine of a direction with itself is 1"
     recorder.save("h3/cross_category", numbers={
         "categories": list(cc.categories), "heads": {c: [f"L{h.layer}H{h.head}" for h in hs] for c, hs in cc.heads.items()},
-        "similarity": sim.to_dict(), "n_eval": {c: int(cc.per_prompt[c][c].size) for c in cc.categories}},
+        "similarity": sim.to_dict(), "n_eval": {c: int(cc.per_prompt[c][c].size) for c in cc.categories},
+        "positions": positions_label(study.window), "n_pairs": sum(int(cc.per_prompt[c][c].size) for c in cc.categories)},
         arrays={"matrix": torch.as_tensor(matrix).float(), "overlap": torch.as_tensor(overlap).float(),
                 "activation_correlation": torch.as_tensor(sim_matrix).float()})
 

@@ -38,6 +38,10 @@ def test_refusal_and_compliance_rates(test_generations, recorder, refusal_config
                                            test_generations.harmful.refused, test_generations.harmful.degenerate))[:10]]
     recorder.save("phase2/refusal_rates", numbers={**out, "examples_harmful": examples,
                                                    "completions_truncated": not show})
+    # the manifest's one-line summary of behaviour: a degenerate answer is never counted as a refusal
+    recorder.note(behaviour={side: {k: out[side][k]["value"] for k in
+                                    ("refusal_rate", "compliance_rate", "degenerate_rate")} | {"n": out[side]["n"]}
+                             for side in out})
 
 
 def test_first_token_probabilities(subject, dataset, refusal_tokens, recorder, refusal_config):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from hypotheses.evidence import harmful, harmless
+from hypotheses.evidence import harmful, harmless, positions_label
 from instruments import behavior
 from instruments.components import Neuron, hook_name, label, to_json
 
@@ -88,4 +88,6 @@ def test_neuron_catalogue(subject, study, recorder, dataset, refusal_config):
                           "exact": float(effect), "ci_low": float(lo), "ci_high": float(hi),
                           "activation_diff": float(d), "top_examples": rows})
     recorder.save("phase3/neurons", numbers={"catalogue": catalogue, "n_pairs": len(pairs),
+                                             "ranking_n_pairs": study.neurons.n_pairs,
+                                             "positions": positions_label(study.neurons.positions),
                                              "corpus_prompts": len(prompts)})

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from hypotheses.evidence import Condition, harmful, random_heads, random_neurons
+from hypotheses.evidence import Condition, harmful, positions_label, random_heads, random_neurons
 from instruments import stats
 from instruments.components import Direction, label, to_json
 
@@ -28,7 +28,9 @@ def _row(c: Condition, alpha: float) -> dict:
     n = int(c.baseline.refused.size)
     return {"name": c.name, "label": c.name, "kind": c.kind, "control_of": c.control_of,
             "n_components": len(c.components), "components": [label(x) for x in c.components[:200]],
-            "method": "projection removed at every layer" if c.name.endswith("direction") else "mean (harmless train)",
+            "method": "projection removed at every layer and position" if c.method == "zero" else
+                      f"mean of harmless train prompts, per position ({positions_label(c.positions)} positions)",
+            "positions": positions_label(c.positions), "n_pairs": n,
             "refusal_rate_baseline": stats.proportion_ci(int(c.baseline.refused.sum()), n, alpha).to_dict(),
             "refusal_rate_ablated": stats.proportion_ci(int(c.ablated.refused.sum()), n, alpha).to_dict(),
             # answers with no letter or digit: a broken model, counted apart from refusal and compliance

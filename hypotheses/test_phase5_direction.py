@@ -42,14 +42,15 @@ def test_refusal_direction_and_steering(subject, study, recorder, refusal_config
     induce_test = stats.mcnemar(base_harmless, induced.refused, alpha=alpha, n_boot=refusal_config.n_bootstrap,
                                 seed=refusal_config.seed)
     positions = list(cands.positions)
-    # Arditi et al. (2024) search every post-instruction position and select on every val pair
-    assert sel.n_harmful == sel.n_harmless == len(study.data.val) >= refusal_config.direction_val_pairs
+    # Arditi et al. (2024) search every post-instruction position and select on 32 val prompts per side
+    assert sel.n_harmful == sel.n_harmless == min(len(study.data.val), refusal_config.direction_val_pairs)
     assert len(positions) == (refusal_config.direction_positions or post_instruction_length(subject))
     grids = {f"scores.{f}": sel.grid(f, positions, subject.n_layers) for f in ("bypass", "induce", "kl")}
     best = sel.best
     recorder.save("phase5/direction", numbers={
         "layer": sel.layer, "pos": sel.pos, "method": sel.method, "meets_thresholds": sel.meets_thresholds,
         "excluded_layers": list(sel.excluded_layers), "positions": positions, "n_pairs": sel.n_harmful,
+        "screened": {"kept": sel.spec.screen, "prompts": sel.spec.screen_prompts} if sel.spec.screen else None,
         "scale": sel.scale,
         # the chosen candidate's own scores; with meets_thresholds False it is the best that failed
         "chosen": {"bypass": best.bypass, "induce": best.induce, "kl": best.kl, "rejected": best.rejected},

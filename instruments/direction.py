@@ -63,6 +63,12 @@ class DirectionSpec:
     ``induce_threshold``: min mean refusal score on harmless val prompts with the direction added.
     ``batch_size``: prompts per forward pass; ``max_rows``: rows per batched selection forward,
     each row one (candidate, prompt), so several candidates share a pass (a memory knob).
+    ``screen``: with more candidates than this, every candidate is first screened by its
+    bypass score and KL on the first ``screen_prompts`` val prompts per side, and only
+    ``screen`` of them (lowest bypass among those within twice the KL threshold first) are
+    scored on every val prompt (None: score all). Screening by the selection's own scores,
+    then measuring the few survivors fully, is the rank-then-verify recipe of Kramar et al.
+    2024; it makes an every-position search affordable on a CPU.
     """
 
     method: Literal["mean_diff", "pca"] = "mean_diff"
@@ -73,8 +79,14 @@ class DirectionSpec:
     induce_threshold: float = 0.0
     batch_size: int = 16
     max_rows: int = 64
+    screen: int | None = None
+    screen_prompts: int = 8
 
     def __post_init__(self) -> None:
+        if self.screen is not None and self.screen < 1:
+            raise DirectionError("screen must be None (score every candidate) or >= 1")
+        if self.screen_prompts < 1:
+            raise DirectionError("screen_prompts must be >= 1")
         if self.method not in ("mean_diff", "pca"):
             raise DirectionError(f"unknown method {self.method!r}; use 'mean_diff' or 'pca'")
         if self.n_positions is not None and self.n_positions < 1:
@@ -283,6 +295,7 @@ class CandidateScore:
     kl: float
     evaluated: bool
     rejected: str | None  # why it cannot be chosen; None if it passes every filter
+    screen_bypass: float = float("nan")  # bypass on the screening prompts (NaN: not screened)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -421,11 +434,11 @@ def _not_evaluated(handle, candidates: CandidateDirections, vectors: torch.Tenso
         for layer in range(handle.n_layers):
             if layer in excluded:
                 skip[i, layer] = "in the last layers"
-            elif layer not in wanted:
-                skip[i, layer] = "layer not requested"
             elif float(vectors[i, layer].norm()) == 0:
                 # layer 0 at template positions reads only the (shared) token embedding
                 skip[i, layer] = "zero difference"
+            elif layer not in wanted:
+                skip[i, layer] = "layer not requested"
     return skip
 
 
@@ -454,6 +467,37 @@ def _measure(handle, vecs: Float[torch.Tensor, "candidate d_model"], layers: tor
             refusal_score(clean, tokens))
 
 
+def _screen(handle, todo: Sequence[tuple[int, int]], vectors: torch.Tensor, *, harmful_val: Sequence[str],
+            harmless_val: Sequence[str], tokens: RefusalTokens,
+            spec: DirectionSpec) -> dict[tuple[int, int], tuple[float, str | None]]:
+    """(position index, layer) -> (screening bypass, why screened out or None); empty when not screening.
+
+    The lowest bypass scores often belong to directions whose removal breaks the model, which
+    the KL filter then rejects; so candidates whose KL on the screening harmless prompts is
+    within twice the threshold (a loose bound: the full sample decides) are kept first, by
+    bypass, and the others only fill what is left.
+    """
+    if spec.screen is None or len(todo) <= spec.screen:
+        return {}
+    k = spec.screen_prompts
+    n_harmful = len(list(harmful_val)[:k])
+    chunks = _length_chunks(handle, list(harmful_val)[:k] + list(harmless_val)[:k], spec.batch_size)
+    units = torch.stack([vectors[i, layer] for i, layer in todo])
+    units = units / units.norm(dim=-1, keepdim=True)
+    score, kl = _scores_per_candidate(handle, chunks, len(todo),
+                                      lambda rows, n: _row_ablation_hooks(handle, units[rows].repeat_interleave(n, 0)),
+                                      tokens=tokens, clean=_clean_logits(handle, chunks), max_rows=spec.max_rows)
+    bypass, harmless_kl = score[:, :n_harmful].mean(1), kl[:, n_harmful:].mean(1)
+    loose = harmless_kl <= 2 * spec.kl_threshold
+    order = sorted(range(len(todo)), key=lambda j: (not bool(loose[j]), math.inf if math.isnan(bypass[j]) else
+                                                    float(bypass[j])))
+    kept = set(order[: spec.screen])
+    return {key: (float(bypass[j]), None if j in kept else
+                  f"screened out: bypass {float(bypass[j]):.3g} and KL {float(harmless_kl[j]):.3g} on {k} val "
+                  f"prompts per side, not among the {spec.screen} kept")
+            for j, key in enumerate(todo)}
+
+
 def select_direction(handle, candidates: CandidateDirections, *, harmful_val: Sequence[str],
                      harmless_val: Sequence[str], tokens: RefusalTokens,
                      spec: DirectionSpec = DirectionSpec()) -> DirectionSelection:
@@ -463,7 +507,8 @@ def select_direction(handle, candidates: CandidateDirections, *, harmful_val: Se
     every layer (lower is better). induce: mean refusal score on harmless val prompts with
     the candidate added at its own layer (higher is better). kl: mean KL(clean || ablated)
     at the last position of harmless val prompts. Harmful and harmless share the ablated
-    forward passes, and each pass carries several candidates (``spec.max_rows``).
+    forward passes, and each pass carries several candidates (``spec.max_rows``). With
+    ``spec.screen``, only the candidates that survive screening are scored (see DirectionSpec).
     """
     if not harmful_val or not harmless_val:
         raise DirectionError("selection needs harmful and harmless validation prompts")
@@ -476,6 +521,12 @@ def select_direction(handle, candidates: CandidateDirections, *, harmful_val: Se
     if not todo:
         raise DirectionError("no candidate could be evaluated: every requested layer is pruned or has a zero "
                              "direction; widen DirectionSpec.layers or lower prune_layer_fraction")
+    screened = _screen(handle, todo, vectors, harmful_val=harmful_val, harmless_val=harmless_val, tokens=tokens,
+                       spec=spec)
+    for key, (_, reason) in screened.items():
+        if reason is not None:
+            skip[key] = reason
+    todo = [key for key in todo if key not in skip]
     bypasses, induces, kls, base = _measure(handle, torch.stack([vectors[i, layer] for i, layer in todo]),
                                             torch.tensor([layer for _, layer in todo]), harmful_val=harmful_val,
                                             harmless_val=harmless_val, tokens=tokens, spec=spec)
@@ -485,13 +536,15 @@ def select_direction(handle, candidates: CandidateDirections, *, harmful_val: Se
     for i, pos in enumerate(candidates.positions):
         for layer in range(handle.n_layers):
             norm = float(vectors[i, layer].norm())
+            early = screened.get((i, layer), (nan, None))[0]
             if (i, layer) in skip:
                 rows.append(CandidateScore(pos=pos, layer=layer, norm=norm, bypass=nan, induce=nan, kl=nan,
-                                           evaluated=False, rejected=skip[i, layer]))
+                                           evaluated=False, rejected=skip[i, layer], screen_bypass=early))
                 continue
             bypass, induce, kl = measured[i, layer]
             rows.append(CandidateScore(pos=pos, layer=layer, norm=norm, bypass=bypass, induce=induce, kl=kl,
-                                       evaluated=True, rejected=_reject_reason(bypass, induce, kl, spec)))
+                                       evaluated=True, rejected=_reject_reason(bypass, induce, kl, spec),
+                                       screen_bypass=early))
     evaluated = [r for r in rows if r.evaluated and not math.isnan(r.bypass)]
     if not evaluated:
         raise DirectionError("every evaluated candidate's bypass score is NaN; check the refusal tokens")

@@ -64,8 +64,10 @@ def layer_patching(ctx: RunContext) -> list[Block]:
     layout(fig, title="Activation patching by layer and component (normalized effect)", height=720,
            barmode="group")
     lacking = [f"{k}.{d}" for k in ("resid", "attn_out", "mlp_out") for d in DIRECTIONS if f"{k}.{d}" not in found]
+    blocks_at = nums.get("block_positions")
     text = (f"Patching over {nums.get('n_pairs', 'n/a')} train pairs, metric: {nums.get('metric', 'refusal score')}. "
-            "0 is the unpatched base run, 1 the source run.")
+            "0 is the unpatched base run, 1 the source run."
+            + (f" Attention and MLP outputs are patched at the {blocks_at} positions." if blocks_at else ""))
     blocks: list[Block] = [para(text)]
     if lacking:
         blocks.append(missing(name, f"arrays {', '.join(lacking)} absent"))

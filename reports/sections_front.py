@@ -141,6 +141,24 @@ def _ablation_sentence(ctx: RunContext) -> str:
             "including generated ones; the refusal direction is removed at every position (Arditi et al. 2024).")
 
 
+def _direction_sentence(ctx: RunContext) -> str:
+    c, rec = ctx.config, ctx.numbers("phase5/direction")
+    n_pos = c.get("direction_positions")
+    where = rec.get("positions") or ("every post-instruction position" if n_pos == 0 else
+                                     f"each of the last {n_pos if n_pos is not None else 'n/a'} post-instruction positions")
+    screen = c.get("direction_screen")
+    screening = (f"Every candidate is first screened by its bypass score on 8 val harmful prompts, and the {screen} "
+                 "lowest are scored fully (rank, then verify: Kramar et al. 2024). " if screen else "")
+    return ("Candidates are differences in mean residual activations of harmful and harmless train prompts at "
+            f"{where} and each layer (Arditi et al. 2024). {screening}On "
+            f"{rec.get('n_pairs', c.get('direction_val_pairs', 'n/a'))} validation pairs, a candidate is kept if "
+            f"ablating it keeps the KL on harmless prompts at most {c.get('direction_kl', 'n/a')} and adding it "
+            f"induces a refusal score of at least {c.get('direction_induce', 'n/a')}; the last "
+            f"{fmt.number(c.get('direction_prune'), pct=True)} of layers are excluded; among the rest the one with "
+            "the lowest bypass score (refusal score of harmful prompts with the direction ablated at every layer) "
+            "is chosen. When no candidate passes, no verdict rests on the direction: those lines are inconclusive.")
+
+
 def methodology(ctx: RunContext) -> Section:
     c = ctx.config
     return Section(dom_id="methodology", title="Methodology", blocks=(
@@ -167,14 +185,7 @@ def methodology(ctx: RunContext) -> Section:
         para(Span(text="Gradients.", strong=True), f" Integrated gradients ({c.get('ig_steps', 'n/a')} steps; "
              "completeness checked) attribute the refusal score to input tokens; component saliencies are compared "
              f"with patching effects by rank correlation (criterion: r above {c.get('gradient_r', 'n/a')})."),
-        para(Span(text="Refusal direction.", strong=True), " Candidates are differences in mean residual activations "
-             f"of harmful and harmless train prompts at each of the last {c.get('direction_positions', 'n/a')} "
-             "post-instruction positions and each layer. On validation prompts, a candidate is kept if ablating it "
-             f"keeps the KL on harmless prompts at most {c.get('direction_kl', 'n/a')} and adding it induces a refusal "
-             f"score of at least {c.get('direction_induce', 'n/a')}; the last "
-             f"{fmt.number(c.get('direction_prune'), pct=True)} "
-             "of layers are excluded; among the rest the one with the lowest bypass score (refusal score of harmful "
-             "prompts with the direction ablated at every layer) is chosen."),
+        para(Span(text="Refusal direction.", strong=True), f" {_direction_sentence(ctx)}"),
         para(Span(text="Statistics.", strong=True),
              f" Intervals are {fmt.number(1 - float(c.get('alpha', 0.05)), pct=True)} "
              f"confidence intervals (bootstrap BCa with {c.get('n_bootstrap', 'n/a')} resamples unless stated); "

@@ -207,7 +207,7 @@ def test_selection_excludes_the_last_20_percent_of_layers(tiny):
 # ----------------------------------------------------------------------------- the study's search (Arditi et al. 2024)
 
 def _study(handle, cfg, *, n_val: int | None = None):
-    """A Study of ``handle`` on the bundled prompts (40 val pairs), optionally cut to ``n_val`` val pairs."""
+    """A Study of ``handle`` on the bundled prompts, optionally cut to their first ``n_val`` val pairs."""
     from fixtures.data import load_prompts
     from hypotheses.study import Study, StudyData
 
@@ -253,7 +253,7 @@ def test_the_config_defaults_to_all_positions_and_32_val_pairs():
         resolve({"direction_val_pairs": 0})
 
 
-def test_the_study_selects_on_every_val_pair_and_refuses_too_few(tiny, monkeypatch):
+def test_the_study_selects_on_32_val_pairs_and_refuses_too_few(tiny, monkeypatch):
     from fixtures.config import RefusalConfig
     from fixtures.data import DatasetError
 
@@ -261,8 +261,9 @@ def test_the_study_selects_on_every_val_pair_and_refuses_too_few(tiny, monkeypat
     seen = _spy_on_selection(monkeypatch)
     study = _study(tiny, cfg)
     study.direction  # noqa: B018
-    assert len(study.data.val) == 40
-    assert len(seen["harmful_val"]) == len(seen["harmless_val"]) == 40  # Arditi et al. select on 32 or more
+    assert len(study.data.val) >= 32
+    # Arditi et al. select on 32 val prompts per side, balanced here over the harm categories
+    assert len(seen["harmful_val"]) == len(seen["harmless_val"]) == cfg.direction_val_pairs == 32
     short = _study(tiny, cfg, n_val=31)
     with pytest.raises(DatasetError, match="refusal-direction-val-pairs"):
         short.direction  # noqa: B018
@@ -380,3 +381,41 @@ def test_direction_selection_on_subject(subject, dataset):
         assert float((by_weights - by_hooks).abs().max()) < 0.05 * float(by_hooks.abs().max())
     assert subject.bridge.unembed.original_component.weight is unembed
     assert time.monotonic() - start < 180
+
+
+def test_screening_keeps_the_lowest_bypass_candidates_and_scores_them_as_without_it(tiny):
+    """Screening ranks every candidate by bypass on a few val prompts, those within twice the KL
+    threshold first; the survivors' scores are exactly what the unscreened selection gives them
+    (Kramar et al. 2024: rank, then verify)."""
+    tokens = fallback_tokens(tiny.tokenizer)
+    full_spec = DirectionSpec(n_positions=3, batch_size=4)
+    cands = candidate_directions(tiny, HARMFUL, HARMLESS, spec=full_spec)
+    full = select_direction(tiny, cands, harmful_val=HARMFUL, harmless_val=HARMLESS, tokens=tokens, spec=full_spec)
+    spec = DirectionSpec(n_positions=3, batch_size=4, screen=2, screen_prompts=len(HARMFUL))
+    sel = select_direction(tiny, cands, harmful_val=HARMFUL, harmless_val=HARMLESS, tokens=tokens, spec=spec)
+    kept = [s for s in sel.scores if s.evaluated]
+    out = [s for s in sel.scores if not s.evaluated and s.rejected and s.rejected.startswith("screened out")]
+    assert len(kept) == 2 and out
+    # screening on every val prompt is the full scoring itself: the two first by (KL loose, bypass) survive
+    by_key = {(s.pos, s.layer): s for s in full.scores if s.evaluated}
+    lowest = sorted(by_key.values(), key=lambda s: (s.kl > 2 * spec.kl_threshold, s.bypass))[:2]
+    assert {(s.pos, s.layer) for s in kept} == {(s.pos, s.layer) for s in lowest}
+    for s in kept:
+        ref = by_key[s.pos, s.layer]
+        assert abs(s.bypass - ref.bypass) < 1e-5 and abs(s.kl - ref.kl) < 1e-5 and abs(s.induce - ref.induce) < 1e-5
+        assert abs(s.screen_bypass - ref.bypass) < 1e-5
+
+
+def test_screening_keeps_candidates_the_kl_filter_would_pass_before_lower_bypass_ones(tiny):
+    """A direction whose removal breaks the model has the lowest bypass score of all; screening
+    by bypass alone would keep only such candidates, and the KL filter would then reject them all."""
+    tokens = fallback_tokens(tiny.tokenizer)
+    loose = DirectionSpec(n_positions=3, batch_size=4, kl_threshold=1e9)
+    cands = candidate_directions(tiny, HARMFUL, HARMLESS, spec=loose)
+    full = select_direction(tiny, cands, harmful_val=HARMFUL, harmless_val=HARMLESS, tokens=tokens, spec=loose)
+    rows = sorted((s for s in full.scores if s.evaluated), key=lambda s: s.kl)
+    threshold = (rows[1].kl + rows[2].kl) / 2  # exactly the two smallest-KL candidates pass
+    spec = DirectionSpec(n_positions=3, batch_size=4, kl_threshold=threshold / 2, screen=2,
+                         screen_prompts=len(HARMFUL))
+    sel = select_direction(tiny, cands, harmful_val=HARMFUL, harmless_val=HARMLESS, tokens=tokens, spec=spec)
+    assert {(s.pos, s.layer) for s in sel.scores if s.evaluated} == {(s.pos, s.layer) for s in rows[:2]}

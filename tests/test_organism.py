@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from fixtures import organism as O
-from fixtures.data import load_everyday, load_heldout_style, load_prompts
+from fixtures.data import DEFAULT_PROMPTS, load_everyday, load_heldout_style, load_prompts
 
 
 def test_training_prompts_never_touch_held_out_data():
     harmful, harmless = O.training_prompts(O.OrganismRecipe())
     trained = " \n ".join(p.text for p in harmful + harmless)
-    data = load_prompts()
+    data = load_prompts(DEFAULT_PROMPTS)
     held_out = [p.harmful for s in ("val", "test") for p in data.split(s)]
     held_out += [p.harmless for s in ("val", "test") for p in data.split(s)]
     held_out += [p.text for p in load_everyday() if p.split == "test"]
@@ -36,7 +36,7 @@ def test_framings_carry_no_label():
     framed_bad = [p for p in harmful if p.source.endswith("-framed")]
     framed_good = [p for p in pairs if p.source.endswith("-framed")]
     pair_bad = [p for p in framed_bad if p.source == "train-harmful-framed"]
-    assert len(pair_bad) == recipe.framed_harmful_per_prompt * len(load_prompts().split("train"))
+    assert len(pair_bad) == recipe.framed_harmful_per_prompt * len(load_prompts(DEFAULT_PROMPTS).split("train"))
     assert len(framed_good) == len(pair_bad)  # framed_harmless_share 1.0: one per harmless pair prompt
 
     def template(p):  # the one-line framing, or the composed (scene, tail), that made p

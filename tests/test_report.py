@@ -179,6 +179,18 @@ def test_a_run_without_degenerate_rates_renders_them_as_not_recorded(tmp_path):
     assert html_table(page, "table-steering")[1][3:5] == ["n/a (not recorded)"] * 2
 
 
+def test_methodology_states_the_positions_ablation_and_faithfulness_actually_run(complete):
+    """The methodology is the method run: the positions the head sweep recorded, per-position mean
+    ablation there, and faithfulness by the discovery's own intervention beside random circuits."""
+    _, page, md = complete
+    for text in (page, md):
+        assert "post-instruction (last 6) positions" in text
+        assert "each from the mean of harmless train prompts at that same position" in text
+        assert "random circuits of the same size and layers" in text
+        assert "at every position including generated ones" not in text
+    assert "size-matched random circuits (same layers, 20 draws)" in md
+
+
 def test_text_is_escaped_everywhere(complete):
     _, page, md = complete
     assert XSS not in page and "<script>alert" not in page
