@@ -182,8 +182,10 @@ def methodology(ctx: RunContext) -> Section:
              "conditions. Circuit faithfulness (Wang et al. 2022; Hanna et al. 2024) uses the discovery's own "
              "intervention: the harmful prompt runs with every head and MLP neuron outside the circuit patched from "
              "its harmless analogue at the patched positions, beside random circuits of the same size and layers."),
-        para(Span(text="Gradients.", strong=True), f" Integrated gradients ({c.get('ig_steps', 'n/a')} steps; "
-             "completeness checked) attribute the refusal score to input tokens; component saliencies are compared "
+        para(Span(text="Gradients.", strong=True), f" Integrated gradients ({c.get('ig_steps', 'n/a')} steps, "
+             "from the paired harmless prompt's embeddings on pairs of equal token length, else from the "
+             "template's own embeddings with the harmless message's mean embedding on the message; completeness "
+             "must hold within 5%) attribute the refusal score to input tokens; component saliencies are compared "
              f"with patching effects by rank correlation (criterion: r above {c.get('gradient_r', 'n/a')})."),
         para(Span(text="Refusal direction.", strong=True), f" {_direction_sentence(ctx)}"),
         para(Span(text="Statistics.", strong=True),
