@@ -141,14 +141,15 @@ def overall(claim: str, lines: list[Verdict]) -> Verdict:
 
 # ----------------------------------------------------------------------------- H1
 
-def h1_patching(joint: stats.Estimate, k: int, n: int, b: Behaviour, cfg: RefusalConfig) -> Verdict:
+def h1_patching(joint: stats.Estimate, k: int, n: int, b: Behaviour, cfg: RefusalConfig,
+                positions: str = "all") -> Verdict:
     if not b.present:
         return no_behaviour("H1", "patching", b, cfg)
     return verdict("H1", "patching", against(joint, cfg.h1_share),
-                   f"Patching the top {k} of {n} heads ({k / n:.1%}, chosen on train) together restores "
-                   f"{fmt(joint)} of the refusal-score gap on test pairs (bar: > {cfg.h1_share}).",
+                   f"Patching the top {k} of {n} heads ({k / n:.1%}, chosen on train) together, at the {positions} "
+                   f"positions, restores {fmt(joint)} of the refusal-score gap on test pairs (bar: > {cfg.h1_share}).",
                    result="phase3/heads", share=joint, k=k, n_components=n, bar=cfg.h1_share,
-                   p_value=bar_p_value(joint, cfg.h1_share))
+                   p_value=bar_p_value(joint, cfg.h1_share), positions=positions, n_pairs=joint.n)
 
 
 def _moves(before: float, after: float) -> str:

@@ -340,7 +340,7 @@ class Study:
     # ------------------------------------------------------------------ verdicts
     def h1_verdicts(self) -> list[Verdict]:
         b, n = self.behaviour, self.n_heads_total
-        lines = [d.h1_patching(self.h1_joint, self.k_h1, n, b, self.cfg),
+        lines = [d.h1_patching(self.h1_joint, self.k_h1, n, b, self.cfg, positions=ev.positions_label(self.window)),
                  d.h1_ablation(self.h1_ablation, n, b, self.cfg),
                  d.h1_gradients(self.gradient_share, self.k_h1, n, b, self.cfg)]
         lines = d.with_holm(lines, self.cfg.alpha)

@@ -144,11 +144,17 @@ def _ablation_sentence(ctx: RunContext) -> str:
 def _direction_sentence(ctx: RunContext) -> str:
     c, rec = ctx.config, ctx.numbers("phase5/direction")
     n_pos = c.get("direction_positions")
-    where = rec.get("positions") or ("every post-instruction position" if n_pos == 0 else
-                                     f"each of the last {n_pos if n_pos is not None else 'n/a'} post-instruction positions")
+    recorded = rec.get("positions")
+    if recorded:
+        where = f"each of the {len(recorded)} post-instruction positions ({recorded[0]} to {recorded[-1]} from the end)"
+    elif n_pos == 0:
+        where = "every post-instruction position"
+    else:
+        where = f"each of the last {n_pos if n_pos is not None else 'n/a'} post-instruction positions"
     screen = c.get("direction_screen")
-    screening = (f"Every candidate is first screened by its bypass score on 8 val harmful prompts, and the {screen} "
-                 "lowest are scored fully (rank, then verify: Kramar et al. 2024). " if screen else "")
+    screening = (f"Every candidate is first screened by its bypass score and KL on 8 val prompts per side, and "
+                 f"{screen} are scored fully, the lowest bypass scores among those within twice the KL threshold "
+                 "first (rank, then verify: Kramar et al. 2024). " if screen else "")
     return ("Candidates are differences in mean residual activations of harmful and harmless train prompts at "
             f"{where} and each layer (Arditi et al. 2024). {screening}On "
             f"{rec.get('n_pairs', c.get('direction_val_pairs', 'n/a'))} validation pairs, a candidate is kept if "
