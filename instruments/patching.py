@@ -972,22 +972,18 @@ def patch_complement(handle, clean_prompts: Sequence[str], corrupted_prompts: Se
     base_last, _ = _cached_run(handle, base_ids, base_mask, [], hooks=(), max_batch=spec.max_batch)
     values = torch.empty(len(circuits), pairs.n_prompts)
     for g, circuit in enumerate(circuits):
-        hooks = []
-        for layer in layers:
-            z, post = hook_name(Head(layer=layer, head=0)), hook_name(Neuron(layer=layer, index=0))
-            keep_heads = torch.zeros(handle.n_heads, dtype=torch.bool)
-            keep_neurons = torch.zeros(handle.d_mlp, dtype=torch.bool)
-            for c in circuit:
-                if c.layer == layer and isinstance(c, Head):
-                    keep_heads[c.head] = True
-                elif c.layer == layer and isinstance(c, Neuron):
-                    keep_neurons[c.index] = True
-            device = source_acts[z].device
-            for name, keep in ((z, keep_heads[:, None]), (post, keep_neurons)):
-                hooks.append((name, (name, keep.to(device))))
+        # per hook, which units the circuit keeps: a head's flag broadcasts over its d_head
+        heads = {hook_name(Head(layer=L, head=0)): torch.zeros(handle.n_heads, 1, dtype=torch.bool) for L in layers}
+        neurons = {hook_name(Neuron(layer=L, index=0)): torch.zeros(handle.d_mlp, dtype=torch.bool) for L in layers}
+        for c in circuit:
+            if isinstance(c, Head):
+                heads[hook_name(c)][c.head] = True
+            else:
+                neurons[hook_name(c)][c.index] = True
+        keep = {name: k.to(source_acts[name].device) for name, k in (heads | neurons).items()}
         for chunk in _chunks(pairs.n_prompts, spec.max_batch):
-            bound = [(name, partial(_complement_splice, source=source_acts[name][chunk], keep=keep, window=window))
-                     for name, (_, keep) in hooks]
+            bound = [(name, partial(_complement_splice, source=source_acts[name][chunk], keep=k, window=window))
+                     for name, k in keep.items()]
             with handle.bridge.hooks(fwd_hooks=bound):
                 logits = handle.bridge(base_ids[chunk], attention_mask=base_mask[chunk], **LAST_ONLY)
             values[g, chunk] = _evaluate(metric, logits[:, -1].float())
