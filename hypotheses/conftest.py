@@ -105,12 +105,14 @@ def study(subject, dataset, refusal_tokens, refusal_config, recorder, test_gener
 
     cfg = replace(refusal_config, max_batch=_sweep_batch(subject, refusal_config))
     data = StudyData.from_prompt_set(dataset)
-    recorder.note(study={"max_batch": cfg.max_batch, "judge": cfg.judge, "patch_pairs": cfg.patch_pairs})
+    recorder.note(study={"max_batch": cfg.max_batch, "judge": cfg.judge, "patch_pairs": cfg.patch_pairs,
+                         "sweep_pairs": cfg.sweep_pairs})
 
     def sweeper(fn, layers):
         study_pairs = [(p.harmful, p.harmless) for p in data.train]
         key = stable_hash("heads-denoising", subject.weights_sha256, subject.quant, str(subject.dtype),
-                          dataset.sha256, study_pairs, cfg.patch_pairs, sorted(refusal_tokens.refusal_ids),
+                          dataset.sha256, study_pairs, cfg.patch_pairs, cfg.sweep_pairs,
+                          sorted(refusal_tokens.refusal_ids),
                           sorted(refusal_tokens.compliance_ids), CODE_VERSION)
         return run_layer_sweep(fn, list(layers), recorder.run_dir / "checkpoints" / "heads-denoising", key,
                                result_type=PatchResult)
@@ -119,7 +121,13 @@ def study(subject, dataset, refusal_tokens, refusal_config, recorder, test_gener
     if cfg.judge == "generate":
         judged = (_judged(subject, test_generations.harmful, refusal_tokens, cfg.batch_size),
                   _judged(subject, test_generations.harmless, refusal_tokens, cfg.batch_size))
-    study = Study(handle=subject, data=data, tokens=refusal_tokens, cfg=cfg, sweeper=sweeper, judged_test=judged)
+    def preregister(record, digest):
+        from fixtures.recording import write_preregistration
+
+        recorder.note(preregistration=write_preregistration(recorder.run_dir, record, digest))
+
+    study = Study(handle=subject, data=data, tokens=refusal_tokens, cfg=cfg, sweeper=sweeper, judged_test=judged,
+                  preregister=preregister)
     yield study
     # where the study's time went, stage by stage (exclusive of nested stages), slowest first
     recorder.note(study_stage_seconds=dict(sorted(study.clock.seconds.items(), key=lambda kv: -kv[1])))

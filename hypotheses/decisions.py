@@ -1,11 +1,17 @@
 """From measurements to verdicts: pure functions, no model, no files.
 
-Every bar comes from :class:`fixtures.config.RefusalConfig` (``--refusal-*``). A line of
-evidence is *supported* only when its confidence interval clears the bar, *refuted* only
-when the interval lies entirely on the wrong side, and *inconclusive* otherwise. When
-the model shows no refusal behaviour to explain (``Behaviour.present`` is False), every
-line is inconclusive: there is no mechanism to find, and claiming one would be a false
-positive (the null-model tests check exactly this).
+Every bar comes from :class:`fixtures.config.RefusalConfig` (``--refusal-*``) through the
+claims table (:mod:`hypotheses.claims`). A line of evidence is scored on pairs that chose
+nothing, and is *supported* only when its confidence interval clears the bar, *refuted*
+only when the interval lies entirely on the wrong side *and* the refutation survives
+Holm's correction across the claim's lines, and *inconclusive* otherwise. A claim is
+supported only when every line is (an intersection-union test: no correction needed).
+Ablation lines are held to the bar on the difference with a matched random control, and
+only when the ablation leaves harmless behaviour intact (one side-effect rule). When the
+model shows no refusal behaviour to explain, every line is inconclusive.
+
+Every line records its n and its minimum detectable effect: the smallest true value it
+would declare supported with 80% power at that n, from its measured standard error.
 
 For the criteria (C*, S*) ``supported`` reads as *met* and ``refuted`` as *not met*.
 """
@@ -13,26 +19,20 @@ For the criteria (C*, S*) ``supported`` reads as *met* and ``refuted`` as *not m
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from fixtures.config import RefusalConfig
-from hypotheses.evidence import Behaviour, Condition, Ranking
-from hypotheses.structure import Accumulation, CrossCategory, LayerProfile, thirds
+from hypotheses import claims
+from hypotheses.evidence import Behaviour, Condition
+from hypotheses.structure import Accumulation, CrossCategory, Detection
 from hypotheses.verdicts import Status, Verdict, combine, decide
 from instruments import stats
 from instruments.direction import DirectionSelection
 
-TITLES = {
-    "H1": "Localized circuit: fewer than 5% of components carry more than 80% of refusal",
-    "H2": "Hierarchical stages: detection early, accumulation in the middle, execution late",
-    "H3": "Shared substrate: the same components serve every harm category",
-    "C1": "At least 10 heads with more than 10% causal effect",
-    "C2": "Ablating the circuit cuts refusal by more than 30%",
-    "C3": "Reproducible: the same seed gives the same numbers, with full provenance",
-    "S1": "Gradient attribution agrees with patching (rank correlation r > 0.7)",
-}
+POWER = 0.8  # the power the minimum detectable effect is quoted at
 
 
 def fmt(e: stats.Estimate) -> str:
@@ -40,34 +40,49 @@ def fmt(e: stats.Estimate) -> str:
     return f"{e.value:.3g} [{level}% CI {e.ci_low:.3g}, {e.ci_high:.3g}]"
 
 
-def bar_p_value(e: stats.Estimate, bar: float) -> float | None:
-    """One-sided p-value of H0 "the effect is at most the bar", read off the CI (normal approximation).
-
-    The decisions use the CI itself; this p-value only serves the multiplicity correction
-    across a claim's lines (Holm), which a reader may want beside the per-line CIs.
-    """
+def _se(e: stats.Estimate) -> float | None:
+    """The standard error implied by a two-sided CI (normal approximation)."""
     from scipy.stats import norm
 
     if any(math.isnan(x) for x in (e.value, e.ci_low, e.ci_high)):
         return None
-    se = (e.ci_high - e.ci_low) / (2 * norm.ppf(1 - e.alpha / 2))
+    return (e.ci_high - e.ci_low) / (2 * norm.ppf(1 - e.alpha / 2))
+
+
+def min_detectable_effect(e: stats.Estimate, bar: float, *, side: str = "above", power: float = POWER,
+                          tests: int = 1) -> float | None:
+    """The true value at which the line's CI would clear ``bar`` with probability ``power``, at the
+    line's n and measured standard error (``tests``: a Bonferroni level for a family of tests)."""
+    from scipy.stats import norm
+
+    se = _se(e)
+    if se is None:
+        return None
+    z = norm.ppf(1 - e.alpha / (2 * tests)) + norm.ppf(power)
+    return float(bar + z * se if side == "above" else bar - z * se)
+
+
+def bar_p_value(e: stats.Estimate, bar: float) -> float | None:
+    """One-sided p-value of H0 "the effect is at most the bar", read off the CI (normal approximation)."""
+    from scipy.stats import norm
+
+    se = _se(e)
+    if se is None:
+        return None
     if se <= 0:
         return 0.0 if e.value > bar else 1.0
     return float(norm.sf((e.value - bar) / se))
 
 
-def with_holm(lines: list[Verdict], alpha: float) -> list[Verdict]:
-    """Add Holm-adjusted p-values across a claim's lines (those that have a p-value)."""
-    from dataclasses import replace
-
-    have = [i for i, v in enumerate(lines) if v.numbers.get("p_value") is not None]
-    if not have:
-        return lines
-    adjusted = stats.holm([lines[i].numbers["p_value"] for i in have], alpha=alpha).p_adjusted
-    out = list(lines)
-    for i, p in zip(have, adjusted):
-        out[i] = replace(lines[i], numbers={**lines[i].numbers, "p_holm": float(p)})
-    return out
+def below_p_value(e: stats.Estimate, bar: float) -> float | None:
+    """One-sided p-value of H0 "the effect is at least the bar" (what a refutation rejects)."""
+    p = bar_p_value(e, bar)
+    if p is None:
+        return None
+    se = _se(e)
+    if se is not None and se <= 0:
+        return 0.0 if e.value < bar else 1.0
+    return 1.0 - p
 
 
 def against(e: stats.Estimate, bar: float) -> Status:
@@ -78,8 +93,8 @@ def against(e: stats.Estimate, bar: float) -> Status:
 
 
 def verdict(claim: str, evidence: str, status: Status, summary: str, *, result: str = "",
-            **numbers: Any) -> Verdict:
-    numbers = {"title": TITLES.get(claim, claim), "evidence_result": result, **numbers}
+            cfg: RefusalConfig | None = None, **numbers: Any) -> Verdict:
+    numbers = {"title": claims.title(claim, cfg) if cfg is not None else claim, "evidence_result": result, **numbers}
     return Verdict(claim=claim, status=status, summary=summary, evidence=evidence, numbers=_plain(numbers))
 
 
@@ -96,10 +111,65 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def side_effect(kl: float | None, ce: float | None, cfg: RefusalConfig) -> dict[str, Any]:
+    """The one side-effect rule of every ablation line: on harmless prompts, next-token KL and the
+    rise in the clean answers' cross-entropy both at most their limits (Arditi et al. 2024's 0.1 nats)."""
+    ok = kl is not None and kl <= cfg.max_kl and (ce is None or ce <= cfg.max_ce)
+    return {"kl_harmless": kl, "answer_ce_increase": ce, "max_kl": cfg.max_kl, "max_ce": cfg.max_ce, "ok": bool(ok)}
+
+
+def _side_text(side: dict[str, Any]) -> str:
+    kl, ce = side["kl_harmless"], side["answer_ce_increase"]
+    kl_s = "not measured" if kl is None else f"{kl:.3g} nats"
+    ce_s = "" if ce is None else f", answer cross-entropy {ce:+.3g} nats"
+    return f"side effect on harmless prompts: next-token KL {kl_s}{ce_s} (limits {side['max_kl']} / {side['max_ce']})"
+
+
+def measured(claim: str, evidence: str, est: stats.Estimate, cfg: RefusalConfig, summary: str, *, n: int, split: str,
+             status: Status | None = None, control: dict[str, Any] | None = None,
+             side: dict[str, Any] | None = None, mde_tests: int = 1, **numbers: Any) -> Verdict:
+    """A line held to its bar from the claims table: status, n, power, p-values, control, side effect."""
+    line = claims.claim(claim).line(evidence)
+    bar = claims.claim(claim).bar_of(evidence, cfg)
+    status = status or against(est, bar)
+    # the summary is the decision's sentence; n, power and side effects travel in the numbers
+    # (the report and the terminal summary print them beside it)
+    if side is not None and not side["ok"] and status != "inconclusive":
+        summary += (f" But the ablation also changes the model on harmless prompts ({_side_text(side)}), so the "
+                    f"change is not specific to refusal: inconclusive instead of {status}.")
+        status = "inconclusive"
+    mde = min_detectable_effect(est, bar, tests=mde_tests)
+    return verdict(claim, evidence, status, summary, result=line.result if line else "", cfg=cfg,
+                   statistic=line.statistic if line else "", estimate=est, bar=bar, side="above", n=int(n),
+                   split=split, min_detectable_effect=mde, power=POWER, control=control, side_effect=side,
+                   p_value=bar_p_value(est, bar), p_below=below_p_value(est, bar), **numbers)
+
+
+def finish(claim: str, lines: list[Verdict], cfg: RefusalConfig) -> list[Verdict]:
+    """Holm's correction across a claim's lines, and it binds: a line is refuted only when its
+    Holm-adjusted one-sided p-value is below alpha / 2 (the level of its two-sided CI)."""
+    out = list(lines)
+    for key, adj in (("p_value", "p_holm"), ("p_below", "p_below_holm")):
+        have = [i for i, v in enumerate(out) if v.numbers.get(key) is not None]
+        if not have:
+            continue
+        adjusted = stats.holm([out[i].numbers[key] for i in have], alpha=cfg.alpha).p_adjusted
+        for i, p in zip(have, adjusted):
+            out[i] = replace(out[i], numbers={**out[i].numbers, adj: float(p), "correction": claims.claim(claim).correction,
+                                              "family_size": len(have)})
+    for i, v in enumerate(out):
+        p = v.numbers.get("p_below_holm")
+        if v.status == "refuted" and p is not None and p >= cfg.alpha / 2:
+            out[i] = replace(v, status="inconclusive", summary=v.summary + (
+                f" The CI lies below the bar, but not after Holm's correction across {claim}'s "
+                f"{v.numbers['family_size']} lines (adjusted p = {p:.3g} >= {cfg.alpha / 2:g}): inconclusive."))
+    return out
+
+
 def no_behaviour(claim: str, evidence: str, b: Behaviour, cfg: RefusalConfig) -> Verdict:
     return verdict(claim, evidence, "inconclusive",
                    f"No refusal behaviour to explain ({b.reason(cfg.alpha)}): nothing can be localized.",
-                   result="phase2/refusal_rates", gap=b.gap)
+                   result="phase2/refusal_rates", cfg=cfg, gap=b.gap)
 
 
 def failed_selection(sel: DirectionSelection) -> str | None:
@@ -127,29 +197,30 @@ def no_direction(claim: str, evidence: str, why: str, b: Behaviour, cfg: Refusal
     if not b.present:
         return no_behaviour(claim, evidence, b, cfg)
     return verdict(claim, evidence, "inconclusive", f"Cannot be judged without a refusal direction: {why}.",
-                   result="phase5/direction", reason=why)
+                   result="phase5/direction", cfg=cfg, reason=why)
 
 
-def overall(claim: str, lines: list[Verdict]) -> Verdict:
-    """All lines must agree for a claim to be supported (an intersection-union test: no
-    multiplicity correction is needed for the conjunction; lines carry Holm p-values)."""
+def overall(claim: str, lines: list[Verdict], cfg: RefusalConfig | None = None) -> Verdict:
+    """All lines must be supported for a claim to be (an intersection-union test: no multiplicity
+    correction is needed for the conjunction); a line refutes only after Holm's correction (:func:`finish`)."""
     status = combine([v.status for v in lines])
-    parts = "; ".join(f"{v.evidence}: {v.status}" for v in lines)
-    return verdict(claim, "overall", status, f"{claim} is {status.upper()} ({parts}).",
+    parts = "; ".join(f"{v.evidence} {v.status}" for v in lines)
+    return verdict(claim, "overall", status, f"Lines of evidence: {parts}.", cfg=cfg,
                    lines={v.evidence: v.status for v in lines})
 
 
 # ----------------------------------------------------------------------------- H1
 
-def h1_patching(joint: stats.Estimate, k: int, n: int, b: Behaviour, cfg: RefusalConfig,
-                positions: str = "all") -> Verdict:
+def h1_patching(evidence: str, share: stats.Estimate, k: int, total: int, what: str, b: Behaviour,
+                cfg: RefusalConfig, *, n_train: int, positions: str = "all") -> Verdict:
+    """``evidence`` "patching" (the top fraction by count) or "parameters" (by parameter budget)."""
     if not b.present:
-        return no_behaviour("H1", "patching", b, cfg)
-    return verdict("H1", "patching", against(joint, cfg.h1_share),
-                   f"Patching the top {k} of {n} heads ({k / n:.1%}, chosen on train) together, at the {positions} "
-                   f"positions, restores {fmt(joint)} of the refusal-score gap on test pairs (bar: > {cfg.h1_share}).",
-                   result="phase3/heads", share=joint, k=k, n_components=n, bar=cfg.h1_share,
-                   p_value=bar_p_value(joint, cfg.h1_share), positions=positions, n_pairs=joint.n)
+        return no_behaviour("H1", evidence, b, cfg)
+    return measured("H1", evidence, share, cfg,
+                    f"Patching {what} together ({k} of {total} heads + neurons, chosen by AtP on {n_train} train "
+                    f"pairs), at the {positions} positions, restores {fmt(share)} of the refusal-score gap on "
+                    f"{share.n} test pairs (bar: > {cfg.h1_share}).",
+                    n=share.n, split="test", k=k, n_components=total, positions=positions, n_train=n_train)
 
 
 def _moves(before: float, after: float) -> str:
@@ -157,94 +228,101 @@ def _moves(before: float, after: float) -> str:
     return "drops" if after < before else "raises" if after > before else "leaves"
 
 
-def broke_model(claim: str, cond: Condition, cfg: RefusalConfig) -> Verdict | None:
-    """An ablation that wrecks harmless behaviour too proves nothing about refusal."""
-    if cond.kl_harmless is None or cond.kl_harmless <= cfg.max_kl:
-        return None
-    return verdict(claim, "ablation", "inconclusive",
-                   f"Ablating {cond.name} ({len(cond.components)} components) "
-                   f"{_moves(cond.baseline.rate, cond.ablated.rate)} the refusal rate from "
-                   f"{cond.baseline.rate:.0%} to {cond.ablated.rate:.0%}, but it also breaks the model: next-token KL "
-                   f"on harmless prompts {cond.kl_harmless:.3g} nats (limit {cfg.max_kl}), answer cross-entropy "
-                   f"+{cond.answer_ce_increase if cond.answer_ce_increase is not None else float('nan'):.3g} nats. "
-                   "The change is not specific to refusal.", result="phase4/ablation", drop=cond.relative_drop,
-                   kl_harmless=cond.kl_harmless, max_kl=cfg.max_kl)
-
-
-def h1_ablation(cond: Condition, n: int, b: Behaviour, cfg: RefusalConfig) -> Verdict:
+def _ablation_line(claim: str, bar: float, cond: Condition, control: Condition, diff: stats.Estimate,
+                   b: Behaviour, cfg: RefusalConfig) -> Verdict:
     if not b.present:
-        return no_behaviour("H1", "ablation", b, cfg)
-    broken = broke_model("H1", cond, cfg)
-    if broken is not None:
-        return broken
+        return no_behaviour(claim, "ablation", b, cfg)
+    side = side_effect(cond.kl_harmless, cond.answer_ce_increase, cfg)
     k = len(cond.components)
-    return verdict("H1", "ablation", against(cond.relative_drop, cfg.h1_drop),
-                   f"Mean-ablating the top {k} of {n} heads {_moves(cond.baseline.rate, cond.ablated.rate)} the refusal "
-                   f"rate on held-out harmful prompts from "
-                   f"{cond.baseline.rate:.0%} to {cond.ablated.rate:.0%}: relative drop {fmt(cond.relative_drop)} "
-                   f"(bar: > {cfg.h1_drop}; McNemar p={cond.mcnemar.p_value:.3g}; KL on harmless prompts "
-                   f"{cond.kl_harmless if cond.kl_harmless is not None else float('nan'):.3g}).",
-                   result="phase4/ablation", drop=cond.relative_drop, p_value=bar_p_value(cond.relative_drop, cfg.h1_drop),
-                   mcnemar_p=cond.mcnemar.p_value, bar=cfg.h1_drop)
+    summary = (f"Mean-ablating {cond.name} ({k} components) {_moves(cond.baseline.rate, cond.ablated.rate)} the "
+               f"refusal rate on held-out harmful prompts from {cond.baseline.rate:.0%} to {cond.ablated.rate:.0%} "
+               f"(relative drop {fmt(cond.relative_drop)}; degenerate answers {cond.ablated.degenerate_rate:.0%}); "
+               f"a size- and layer-matched random set drops it by {fmt(control.relative_drop)}. The difference, "
+               f"{fmt(diff)}, is held to the bar (> {bar}).")
+    return measured(claim, "ablation", diff, cfg, summary, n=diff.n, split="test", side=side,
+                    control={"name": control.name, "estimate": control.relative_drop, "difference": diff},
+                    drop=cond.relative_drop, mcnemar_p=cond.mcnemar.p_value, k=k,
+                    kl_harmless=cond.kl_harmless, max_kl=cfg.max_kl)
 
 
-def h1_gradients(share: stats.Estimate, k: int, n: int, b: Behaviour, cfg: RefusalConfig) -> Verdict:
+def h1_ablation(cond: Condition, control: Condition, diff: stats.Estimate, b: Behaviour,
+                cfg: RefusalConfig) -> Verdict:
+    return _ablation_line("H1", cfg.h1_drop, cond, control, diff, b, cfg)
+
+
+def h1_gradients(share: stats.Estimate, k: int, total: int, b: Behaviour, cfg: RefusalConfig) -> Verdict:
     if not b.present:
         return no_behaviour("H1", "gradients", b, cfg)
-    return verdict("H1", "gradients", against(share, cfg.h1_share),
-                   f"The top {k} of {n} heads ({k / n:.1%}) hold {fmt(share)} of the total |gradient x activation difference| "
-                   f"(AtP) attribution (bar: > {cfg.h1_share}).",
-                   result="phase4/gradients", share=share, k=k, n_components=n, bar=cfg.h1_share,
-                   p_value=bar_p_value(share, cfg.h1_share))
+    return measured("H1", "gradients", share, cfg,
+                    f"On {share.n} test pairs, the {k} of {total} heads + neurons chosen on train hold {fmt(share)} of "
+                    f"the total |gradient x activation difference| (AtP) attribution (bar: > {cfg.h1_share}).",
+                    n=share.n, split="test", k=k, n_components=total)
 
 
 # ----------------------------------------------------------------------------- H2
 
-def h2_attention(profile: LayerProfile, b: Behaviour, cfg: RefusalConfig) -> Verdict:
-    """Detection early: keyword-focused attention peaks in the first third of layers."""
-    if not b.present or profile.n < 2:
-        return no_behaviour("H2", "attention", b, cfg) if not b.present else verdict(
-            "H2", "attention", "inconclusive", "No pair differs in any token: keywords cannot be located.")
-    early = thirds(len(profile.mean))[0]
-    peak = int(np.argmax(profile.mean))
-    focused = profile.ci_low[peak] > 1.0
-    best_early_high = max(profile.ci_high[list(early)]) if len(early) else -np.inf
-    status = decide(supported_if=focused and peak in early,
-                    refuted_if=focused and peak not in early and best_early_high < profile.ci_low[peak])
-    return verdict("H2", "attention", status,
-                   f"Keyword-focused attention (mass on harmful keywords over their share of the prompt) peaks at "
-                   f"layer {peak} of {len(profile.mean)} at {profile.mean[peak]:.3g} [{profile.ci_low[peak]:.3g}, "
-                   f"{profile.ci_high[peak]:.3g}]; early layers are 0-{early[-1] if len(early) else '-'}.",
-                   result="h2/keyword_attention", peak_layer=peak, early_layers=list(early),
-                   profile=[float(x) for x in profile.mean])
+def h2_attention(det: Detection, b: Behaviour, cfg: RefusalConfig) -> Verdict:
+    """Detection early: harmful keywords draw more attention than the harmless analogues' matched
+    tokens, and more so in the first third of layers than later (peak chosen on val, tested on test)."""
+    if not b.present:
+        return no_behaviour("H2", "attention", b, cfg)
+    eml, peak = det.early_minus_later, det.peak_layer
+    if det.contrast.n < 2:
+        return verdict("H2", "attention", "inconclusive", "Too few pairs differ in any token: keywords cannot be "
+                       "located.", result="h2/keyword_attention", cfg=cfg, n=det.contrast.n)
+    early = peak in det.early
+    status = decide(supported_if=early and det.at_peak.ci_low > 0 and eml.ci_low > 0, refuted_if=eml.ci_high < 0)
+    return measured("H2", "attention", eml, cfg,
+                    f"Keyword attention of harmful prompts over their harmless analogues' matched tokens (the "
+                    f"control) peaks on val pairs at layer {peak} ({'early' if early else 'not early'}; early layers "
+                    f"0-{det.early[-1]}); on {det.contrast.n} test pairs the contrast there is {fmt(det.at_peak)}, "
+                    f"and early minus later layers {fmt(eml)} (detection early if above 0).",
+                    n=det.contrast.n, split="test", status=status, peak_layer=peak, early_layers=list(det.early),
+                    at_peak=det.at_peak, n_val=det.contrast_val.n,
+                    control={"name": "harmless analogues' matched tokens",
+                             "estimate": None, "difference": det.at_peak})
 
 
 def h2_direction(acc: Accumulation, b: Behaviour, cfg: RefusalConfig) -> Verdict:
-    """Accumulation in the middle: the harmful-harmless projection rises monotonically there."""
+    """Accumulation in the middle: the normalized projection rises fastest in the middle third,
+    more than along random directions."""
     if not b.present:
         return no_behaviour("H2", "direction", b, cfg)
-    return verdict("H2", "direction", against(acc.tau, 0.0),
-                   f"Across the middle layers {acc.layers[0]}-{acc.layers[-1]}, the paired harmful-harmless projection "
-                   f"onto the refusal direction has mean Kendall tau with depth {fmt(acc.tau)} "
-                   f"(rising if the CI lies above 0).",
-                   result="phase5/direction", tau=acc.tau, middle_layers=list(acc.layers),
-                   p_value=bar_p_value(acc.tau, 0.0))
+    t = acc.statistic
+    status = decide(supported_if=t.ci_low > 0 and acc.p_random < cfg.alpha, refuted_if=t.ci_high < 0)
+    rand = np.asarray(acc.random)
+    r_est = stats.Estimate(value=float(rand.mean()), ci_low=float(np.quantile(rand, cfg.alpha / 2)),
+                           ci_high=float(np.quantile(rand, 1 - cfg.alpha / 2)), method=f"{rand.size} random directions",
+                           n=int(rand.size), alpha=cfg.alpha)
+    sl = acc.slopes
+    return measured("H2", "direction", t, cfg,
+                    f"The paired harmful - harmless projection onto the refusal direction, normalized by the "
+                    f"residual norm, rises per layer by {sl['early'].value:.3g} (early), {sl['middle'].value:.3g} "
+                    f"(middle, layers {acc.layers[0]}-{acc.layers[-1]}) and {sl['late'].value:.3g} (late); the middle "
+                    f"slope minus the larger other one is {fmt(t)} (bar: > 0), and {acc.p_random:.3g} of "
+                    f"{rand.size} random directions reach it (must be < {cfg.alpha}).",
+                    n=t.n, split="test", status=status, slopes=dict(sl), p_random=acc.p_random,
+                    middle_layers=list(acc.layers),
+                    control={"name": "random directions", "estimate": r_est, "p": acc.p_random})
 
 
 def h2_patching(depth: stats.Estimate, b: Behaviour, cfg: RefusalConfig) -> Verdict:
-    """Execution late: the heads' causal effects sit in the last third."""
+    """Execution late: the attention and MLP outputs' causal effects sit in the last third."""
     if not b.present:
         return no_behaviour("H2", "patching", b, cfg)
-    return verdict("H2", "patching", against(depth, 2 / 3),
-                   f"The effect-weighted relative depth of the heads' patching effects is {fmt(depth)} "
-                   f"(0 = first layer, 1 = last; late if above 2/3).",
-                   result="phase3/heads", depth=depth, p_value=bar_p_value(depth, 2 / 3))
+    return measured("H2", "patching", depth, cfg,
+                    f"On {depth.n} test pairs, the effect-weighted relative depth of the attention and MLP outputs' "
+                    f"patching effects is {fmt(depth)} (0 = first layer, 1 = last; late if above 2/3).",
+                    n=depth.n, split="test")
 
 
 # ----------------------------------------------------------------------------- H3
 
 def h3_categories(cc: CrossCategory, b: Behaviour, cfg: RefusalConfig) -> list[Verdict]:
     out = []
+    worst_kl = max((kl for kl, _ in cc.side_effects.values()), default=None)
+    ces = [ce for _, ce in cc.side_effects.values() if ce is not None]
+    side = side_effect(worst_kl, max(ces) if ces else None, cfg) if cc.side_effects else None
     for c in cc.categories:
         if not b.present:
             out.append(no_behaviour("H3", c, b, cfg))
@@ -253,59 +331,78 @@ def h3_categories(cc: CrossCategory, b: Behaviour, cfg: RefusalConfig) -> list[V
         if not own.ci_low > 0:
             out.append(verdict("H3", c, "inconclusive",
                                f"Ablating {c}'s own top heads does not reliably reduce its refusal ({fmt(own)} of the "
-                               "gap), so sharing cannot be judged.", result="h3/cross_category", own=own))
+                               f"gap on {own.n} val + test prompts), so sharing cannot be judged.",
+                               result="h3/cross_category", cfg=cfg, own=own, n=own.n, split="val + test",
+                               side_effect=side))
             continue
-        out.append(verdict("H3", c, against(ratio, cfg.h3_ratio),
-                           f"On {c} prompts, other categories' top heads remove {fmt(ratio)} as much refusal as {c}'s "
-                           f"own (own: {fmt(own)} of the gap; bar: > {cfg.h3_ratio}).",
-                           result="h3/cross_category", own=own, ratio=ratio, bar=cfg.h3_ratio,
-                           p_value=bar_p_value(ratio, cfg.h3_ratio)))
+        out.append(measured("H3", c, ratio, cfg,
+                            f"On {own.n} {c} val + test prompts, other categories' top heads (each chosen on "
+                            f"{min(cc.n_find.values())}+ train pairs) remove {fmt(ratio)} as much refusal as {c}'s "
+                            f"own (own: {fmt(own)} of the gap; bar: > {cfg.h3_ratio}).",
+                            n=own.n, split="val + test", side=side, own=own))
     return out
 
 
 def h3_direction(similarity: stats.Estimate, b: Behaviour, cfg: RefusalConfig) -> Verdict:
     if not b.present:
         return no_behaviour("H3", "direction", b, cfg)
-    return verdict("H3", "direction", against(similarity, cfg.h3_ratio),
-                   f"Categories' harmful-minus-harmless activation directions have mean pairwise cosine "
-                   f"{fmt(similarity)} (bar: > {cfg.h3_ratio}).", result="h3/cross_category",
-                   similarity=similarity, bar=cfg.h3_ratio, p_value=bar_p_value(similarity, cfg.h3_ratio))
+    return measured("H3", "direction", similarity, cfg,
+                    f"Categories' harmful-minus-harmless activation directions (val + test pairs) have mean "
+                    f"pairwise cosine {fmt(similarity)} (bar: > {cfg.h3_ratio}).", n=similarity.n,
+                    split="val + test")
+
+
+def one_category(categories: tuple[str, ...], b: Behaviour, cfg: RefusalConfig) -> list[Verdict]:
+    """H3 on a dataset with fewer than two harm categories: nothing to share between."""
+    if not b.present:
+        return [no_behaviour("H3", "direction", b, cfg)]
+    return [verdict("H3", "categories", "inconclusive",
+                    f"The dataset has {len(categories)} harm categor{'y' if len(categories) == 1 else 'ies'} with "
+                    "train and held-out pairs; sharing across categories needs at least two.",
+                    result="h3/cross_category", cfg=cfg, categories=list(categories))]
 
 
 # ----------------------------------------------------------------------------- criteria
 
-def c1_heads(ranking: Ranking, b: Behaviour, cfg: RefusalConfig) -> Verdict:
+def c1_heads(verified, b: Behaviour, cfg: RefusalConfig) -> Verdict:
+    """At least ``min_heads`` heads clear ``head_effect`` on test pairs, Holm-corrected over the candidates."""
     if not b.present:
         return no_behaviour("C1", "patching", b, cfg)
-    bar, need = cfg.head_effect, cfg.min_heads
-    point = int((ranking.effect > bar).sum())
-    sure, maybe = int((ranking.ci_low > bar).sum()), int((ranking.ci_high > bar).sum())
+    bar, need, m = cfg.head_effect, cfg.min_heads, len(verified.components)
+    # one-sided at alpha / 2: the level of the two-sided CIs every other line is decided on
+    sure = sum(stats.holm(list(verified.p_above), alpha=cfg.alpha / 2).reject)
+    surely_below = sum(stats.holm(list(verified.p_below), alpha=cfg.alpha / 2).reject)
+    maybe = m - surely_below
+    point = int((verified.effect > bar).sum())
     status = decide(supported_if=sure >= need, refuted_if=maybe < need)
-    return verdict("C1", "patching", status,
-                   f"{point} heads have a normalized patching effect above {bar:.0%} ({sure} with the whole CI above "
-                   f"it, {maybe} with the CI reaching it); the criterion asks for at least {need}.",
-                   result="phase3/heads", heads_point=point, heads_ci_low=sure, heads_ci_high=maybe, bar=bar,
-                   required=need)
+    se = float(np.nanmedian(verified.se)) if np.isfinite(verified.se).any() else float("nan")
+    from scipy.stats import norm
+
+    mde = float(bar + (norm.ppf(1 - cfg.alpha / (2 * m)) + norm.ppf(POWER)) * se) if math.isfinite(se) else None
+    from instruments.components import label
+
+    summary = (f"Of the {m} AtP candidate heads (chosen on train), {point} have an exact effect above {bar:.0%} on "
+               f"{verified.n_pairs} test pairs; {sure} clear it after Holm's correction over the {m} candidates and "
+               f"{maybe} are not significantly below it; the criterion asks for at least {need}. Heads outside the "
+               f"candidates were not verified.")
+    return verdict("C1", "patching", status, summary, result="phase3/heads", cfg=cfg,
+                   statistic=claims.claim("C1").line("patching").statistic, heads_point=point, heads_ci_low=sure,
+                   heads_ci_high=maybe, bar=bar, required=need, n=verified.n_pairs, split="test",
+                   n_candidates=m, min_detectable_effect=mde, power=POWER, correction="holm over the candidates",
+                   heads_clearing=[label(h) for h, r in zip(verified.components,
+                                                             stats.holm(list(verified.p_above), alpha=cfg.alpha / 2).reject)
+                                   if r])
 
 
-def c2_ablation(cond: Condition, b: Behaviour, cfg: RefusalConfig) -> Verdict:
-    if not b.present:
-        return no_behaviour("C2", "ablation", b, cfg)
-    broken = broke_model("C2", cond, cfg)
-    if broken is not None:
-        return broken
-    return verdict("C2", "ablation", against(cond.relative_drop, cfg.ablation_drop),
-                   f"Ablating the circuit ({cond.name}, {len(cond.components)} components) cuts the refusal rate from "
-                   f"{cond.baseline.rate:.0%} to {cond.ablated.rate:.0%}: relative drop {fmt(cond.relative_drop)} "
-                   f"(bar: > {cfg.ablation_drop}; McNemar p={cond.mcnemar.p_value:.3g}).",
-                   result="phase4/ablation", drop=cond.relative_drop, mcnemar_p=cond.mcnemar.p_value,
-                   p_value=bar_p_value(cond.relative_drop, cfg.ablation_drop), bar=cfg.ablation_drop)
+def c2_ablation(cond: Condition, control: Condition, diff: stats.Estimate, b: Behaviour,
+                cfg: RefusalConfig) -> Verdict:
+    return _ablation_line("C2", cfg.ablation_drop, cond, control, diff, b, cfg)
 
 
-def s1_gradients(rho: stats.Estimate, versus: str, b: Behaviour, cfg: RefusalConfig) -> Verdict:
+def s1_gradients(rho: stats.Estimate, n_pairs: int, b: Behaviour, cfg: RefusalConfig) -> Verdict:
     if not b.present:
         return no_behaviour("S1", "gradients", b, cfg)
-    return verdict("S1", "gradients", against(rho, cfg.gradient_r),
-                   f"Spearman correlation of gradient attribution with {versus}: {fmt(rho)} "
-                   f"(the seed's cross-validation bar: r > {cfg.gradient_r}).",
-                   result="phase4/gradients", rho=rho, bar=cfg.gradient_r, p_value=bar_p_value(rho, cfg.gradient_r))
+    return measured("S1", "gradients", rho, cfg,
+                    f"Spearman correlation of the heads' AtP attribution on train pairs with their exact patching "
+                    f"effect on {n_pairs} test pairs, over the {rho.n} verified candidates: {fmt(rho)} (the seed's "
+                    f"cross-validation bar: r > {cfg.gradient_r}).", n=rho.n, split="test", n_pairs=n_pairs)

@@ -25,7 +25,7 @@ from fixtures.config import RefusalConfig
 from fixtures.data import Pair
 from instruments import behavior, stats
 from instruments.ablation import AblationSpec, ReferenceActivations, ablation_hooks
-from instruments.components import Component, Head, Neuron, all_heads
+from instruments.components import Component, Head, Neuron
 from instruments.metrics import RefusalTokens, compliance_prob, refusal_prob, refusal_score
 from instruments.patching import (PatchResult, PatchRuns, PatchSpec, attribution_patch, patch_components,
                                  patch_heads)
@@ -280,19 +280,6 @@ def head_runs(handle, pairs: Sequence[Pair], cfg: RefusalConfig, *, direction: s
     return make(handle, harmful(pairs), harmless(pairs), patch_spec(handle, cfg, direction=direction))
 
 
-def rank_heads(exact: PatchResult, atp_heads: Float[torch.Tensor, "layer head"] | None,
-               cfg: RefusalConfig) -> Ranking:
-    """Heads by normalized exact effect (largest first), with bootstrap CIs over prompts."""
-    n_layers, n_heads = exact.metric.shape[:2]
-    metric = exact.metric.reshape(n_layers * n_heads, -1).double().numpy()
-    value, lo, hi = normalized_with_ci(metric, exact.base.double().numpy(), exact.source.double().numpy(), cfg)
-    atp = np.zeros_like(value) if atp_heads is None else atp_heads.reshape(-1).double().numpy()
-    order = np.argsort(-value, kind="stable")
-    heads = [Head(layer=int(exact.layers[i // n_heads]), head=int(i % n_heads)) for i in order]
-    return Ranking(components=tuple(heads), effect=value[order], ci_low=lo[order], ci_high=hi[order],
-                   atp=atp[order], positions=exact.positions, n_pairs=exact.n_pairs)
-
-
 @dataclass(frozen=True, kw_only=True)
 class AtpScan:
     """Attribution patching over every head and neuron, normalized like exact patching."""
@@ -300,13 +287,16 @@ class AtpScan:
     heads: Float[torch.Tensor, "layer head"]
     neurons: Float[torch.Tensor, "layer neuron"]
     heads_per_prompt: Float[torch.Tensor, "layer head prompt"]  # raw estimated metric change
+    neurons_per_prompt: Float[torch.Tensor, "layer neuron prompt"]
+    n_pairs: int = 0
 
 
 def atp_scan(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
              direction: str = "denoising") -> AtpScan:
     atp = attribution_patch(handle, harmful(pairs), harmless(pairs), metric_for(tokens),
                             patch_spec(handle, cfg, direction=direction), neurons=True)
-    return AtpScan(heads=atp.normalized(atp.heads), neurons=atp.normalized(atp.neurons), heads_per_prompt=atp.heads)
+    return AtpScan(heads=atp.normalized(atp.heads), neurons=atp.normalized(atp.neurons), heads_per_prompt=atp.heads,
+                   neurons_per_prompt=atp.neurons, n_pairs=len(pairs))
 
 
 def rank_neurons(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig, scan: AtpScan,
@@ -325,19 +315,6 @@ def rank_neurons(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: Refu
     order = np.argsort(-value, kind="stable")
     return Ranking(components=tuple(neurons[i] for i in order), effect=value[order], ci_low=lo[order],
                    ci_high=hi[order], atp=atp[order], positions=exact.positions, n_pairs=exact.n_pairs)
-
-
-def joint_patch(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
-                components: Sequence[Component], *, direction: str = "denoising") -> stats.Estimate:
-    """Normalized effect of patching ``components`` together (one group), with a bootstrap CI."""
-    res = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), [tuple(components)],
-                           patch_spec(handle, cfg, direction=direction))
-    metric, base, source = (x.double().numpy() for x in (res.metric[0], res.base, res.source))
-    idx = boot_index(base.size, cfg, salt=2)
-    with np.errstate(all="ignore"):
-        boot = (metric[idx].mean(-1) - base[idx].mean(-1)) / (source[idx].mean(-1) - base[idx].mean(-1))
-    value = (metric.mean() - base.mean()) / (source.mean() - base.mean())
-    return boot_estimate(value, boot, cfg, len(pairs))
 
 
 # ----------------------------------------------------------------------------- ablation
@@ -402,6 +379,22 @@ def harmless_reference(handle, prompts: Sequence[str], answers: Sequence[str], c
                              answer_ce=scores.cross_entropy)
 
 
+def side_effects(handle, hooks: Sequence[Hook], harmless: HarmlessReference,
+                 cfg: RefusalConfig) -> tuple[float, float | None]:
+    """(next-token KL(clean || ablated), rise in the clean answers' cross-entropy) on harmless prompts."""
+    from instruments.ablation import answer_scores
+    from instruments.metrics import kl_divergence
+
+    ce = None
+    if harmless.answer_ce is not None:  # one pass gives both the next-token logits and the answers' CE
+        after = answer_scores(handle, harmless.prompts, harmless.answers, batch_size=cfg.batch_size, fwd_hooks=hooks)
+        under = after.prompt_logits
+        ce = float((after.cross_entropy - harmless.answer_ce).nanmean())
+    else:
+        under = behavior.last_logits(handle, harmless.prompts, batch_size=cfg.batch_size, fwd_hooks=hooks)
+    return float(kl_divergence(harmless.logits, under).mean()), ce
+
+
 def ablation_spec(handle, cfg: RefusalConfig, components: Sequence[Component], *,
                   method: str = "mean") -> AblationSpec:
     """The study's ablation: components where the study patches them (the intervention that
@@ -427,49 +420,15 @@ def ablate_condition(handle, prompts: Sequence[str], tokens: RefusalTokens, cfg:
     each harmless prompt, and (when it has answers) the rise in cross-entropy of the clean
     model's own answers.
     """
-    from instruments.ablation import answer_scores
-    from instruments.metrics import kl_divergence
-
     spec = ablation_spec(handle, cfg, components, method=method)
     hooks = ablation_hooks(handle, list(components), spec=spec, reference=reference if method != "zero" else None)
     ablated = judge(handle, prompts, tokens, cfg, hooks=hooks)
-    kl = ce = None
-    if harmless is not None:
-        if harmless.answer_ce is not None:  # one pass gives both the next-token logits and the answers' CE
-            after = answer_scores(handle, harmless.prompts, harmless.answers, batch_size=cfg.batch_size,
-                                  fwd_hooks=hooks)
-            under = after.prompt_logits
-            ce = float((after.cross_entropy - harmless.answer_ce).nanmean())
-        else:
-            under = behavior.last_logits(handle, harmless.prompts, batch_size=cfg.batch_size, fwd_hooks=hooks)
-        kl = float(kl_divergence(harmless.logits, under).mean())
+    kl, ce = side_effects(handle, hooks, harmless, cfg) if harmless is not None else (None, None)
     return Condition(name=name, kind=kind, control_of=control_of, components=tuple(components), baseline=baseline,
                      ablated=ablated, relative_drop=relative_drop(baseline.refused, ablated.refused, cfg),
                      mcnemar=stats.mcnemar(baseline.refused, ablated.refused, alpha=cfg.alpha,
                                            n_boot=cfg.n_bootstrap, seed=cfg.seed),
                      kl_harmless=kl, answer_ce_increase=ce, method=method, positions=spec.positions)
-
-
-def random_heads(n_layers: int, n_heads: int, k: int, *, exclude: Sequence[Component], seed: int) -> tuple[Head, ...]:
-    """A matched random control: k heads drawn without replacement from those not in ``exclude``."""
-    pool = [h for h in all_heads(n_layers, n_heads) if h not in set(exclude)]
-    pick = np.random.default_rng(seed).choice(len(pool), size=min(k, len(pool)), replace=False)
-    return tuple(pool[i] for i in sorted(pick))
-
-
-def random_neurons(layers: Sequence[int], d_mlp: int, k: int, *, exclude: Sequence[Component],
-                   seed: int) -> tuple[Neuron, ...]:
-    """k random neurons from the same layers as the circuit's (matched by layer), none of them in it."""
-    rng = np.random.default_rng(seed)
-    taken, out = set(exclude), []
-    for layer in layers:
-        while True:
-            n = Neuron(layer=int(layer), index=int(rng.integers(0, d_mlp)))
-            if n not in taken:
-                taken.add(n)
-                out.append(n)
-                break
-    return tuple(out[:k])
 
 
 # ----------------------------------------------------------------------------- circuit faithfulness

@@ -15,7 +15,8 @@ from jaxtyping import Bool, Float
 
 from fixtures.config import RefusalConfig
 from fixtures.data import Pair
-from hypotheses.evidence import atp_scan, boot_estimate, boot_index, harmful, harmless, percentile
+from hypotheses.evidence import (HarmlessReference, atp_scan, boot_estimate, boot_index, harmful, harmless,
+                                 percentile, side_effects)
 from instruments import behavior, stats
 from instruments.ablation import AblationSpec, ReferenceActivations, ablation_hooks
 from instruments.components import Head, Pattern, hook_name
@@ -33,31 +34,88 @@ def thirds(n_layers: int) -> tuple[range, range, range]:
 # ----------------------------------------------------------------------------- H2: detection early
 
 @torch.no_grad()
-def keyword_attention(handle, pairs: Sequence[Pair], cfg: RefusalConfig) -> Float[np.ndarray, "prompt layer"]:
-    """How strongly the last position attends to a harmful prompt's *keywords*, per layer.
+def keyword_attention(handle, pairs: Sequence[Pair], cfg: RefusalConfig, *,
+                      side: str = "harmful") -> Float[np.ndarray, "prompt layer"]:
+    """How strongly the last position attends to a prompt's *keywords*, per layer.
 
-    Keywords are the tokens of the harmful prompt's user message that its harmless
-    analogue's message lacks (:func:`keyword_mask`; the pairs share their form, so what
-    differs is the harmful content). The score is the attention mass from the last
-    position onto them (the most keyword-focused head of the layer), divided by the share
-    of the prompt's real tokens they make up: 1 = no focus. Prompts whose pair differs in
-    no token are left out.
+    Keywords are the tokens of the prompt's user message that its analogue's message lacks
+    (:func:`keyword_mask`; the pairs share their form, so what differs is the content).
+    ``side="harmful"`` scores the harmful prompts' keywords; ``side="harmless"`` scores the
+    harmless analogues' own matched tokens, the control (a model that attends to whatever
+    word differs scores the same on both sides). The score is the attention mass from the
+    last position onto them (the most keyword-focused head of the layer), divided by the
+    share of the prompt's real tokens they make up: 1 = no focus. A prompt with no such
+    token is a row of NaN, so both sides keep the same rows (a contrast drops the pair).
     """
     names = [hook_name(Pattern(layer=layer)) for layer in range(handle.n_layers)]
     rows = []
     for chunk in behavior.batches(list(pairs), cfg.batch_size):
         harm, benign = spans(handle, harmful(chunk)), spans(handle, harmless(chunk))
-        keys = keyword_mask(harm, benign)
-        _, cache = handle.bridge.run_with_cache(harm.ids, attention_mask=harm.mask, names_filter=lambda n: n in names)
+        keys_harmful, keys_harmless = keyword_mask(harm, benign), keyword_mask(benign, harm)
+        own, keys = (harm, keys_harmful) if side == "harmful" else (benign, keys_harmless)
+        _, cache = handle.bridge.run_with_cache(own.ids, attention_mask=own.mask, names_filter=lambda n: n in names)
         for b in range(len(chunk)):
             key = keys[b]
             if not key.any():
+                rows.append([float("nan")] * len(names))
                 continue
-            share = float(key.sum()) / float(harm.mask[b].sum())
+            share = float(key.sum()) / float(own.mask[b].sum())
             rows.append([float(cache[n][b, :, -1, key].sum(-1).max()) / share for n in names])
     if not rows:
         return np.zeros((0, handle.n_layers))
     return np.asarray(rows, dtype=np.float64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Detection:
+    """Keyword attention of harmful prompts beside the harmless control, and where it peaks.
+
+    The peak layer is chosen on VAL pairs and tested on TEST pairs, so no layer is picked
+    and confirmed on the same prompts. ``early_minus_later`` is, on test pairs, the mean
+    contrast (harmful focus - harmless focus) over the early layers minus that over the
+    later layers: above 0 if detection happens early.
+    """
+
+    harmful: LayerProfile  # test pairs
+    control: LayerProfile  # the harmless analogues, test pairs
+    contrast: LayerProfile  # harmful - control, test pairs
+    contrast_val: LayerProfile  # the same on val pairs (chooses the peak)
+    peak_layer: int  # argmax of the val contrast
+    at_peak: stats.Estimate  # the test contrast at the val peak
+    early_minus_later: stats.Estimate
+    early: tuple[int, ...]
+
+
+def val_contrast(harm_val: np.ndarray, control_val: np.ndarray, cfg: RefusalConfig) -> tuple[LayerProfile, int]:
+    """The val pairs' contrast profile and its peak layer (the layer the test pairs then score)."""
+    profile = layer_profile(harm_val - control_val, cfg, salt=14)  # a NaN side drops the pair
+    return profile, (int(np.nanargmax(profile.mean)) if profile.n else 0)
+
+
+def detection(harm_test: np.ndarray, control_test: np.ndarray, harm_val: np.ndarray, control_val: np.ndarray,
+              cfg: RefusalConfig) -> Detection:
+    keep = ~np.isnan(harm_test).any(1) & ~np.isnan(control_test).any(1)
+    h, c = harm_test[keep], control_test[keep]
+    diff = h - c
+    n_layers = harm_test.shape[1]
+    early = tuple(thirds(n_layers)[0])
+    later = [layer for layer in range(n_layers) if layer not in early]
+    contrast_val, peak = val_contrast(harm_val, control_val, cfg)
+    idx = boot_index(diff.shape[0], cfg, salt=15)
+
+    def e_minus_l(rows: np.ndarray) -> np.ndarray:  # rows [B, P, layer] -> [B]
+        return rows[..., list(early)].mean(-1).mean(-1) - rows[..., later].mean(-1).mean(-1)
+
+    with np.errstate(all="ignore"):
+        eml = boot_estimate(float(e_minus_l(diff[None])[0]) if diff.size else float("nan"),
+                            e_minus_l(diff[idx]) if diff.size else np.full(cfg.n_bootstrap, np.nan), cfg,
+                            diff.shape[0])
+        at_peak = boot_estimate(float(diff[:, peak].mean()) if diff.size else float("nan"),
+                                diff[idx][..., peak].mean(-1) if diff.size else np.full(cfg.n_bootstrap, np.nan),
+                                cfg, diff.shape[0])
+    return Detection(harmful=layer_profile(h, cfg), control=layer_profile(c, cfg, salt=13),
+                     contrast=layer_profile(diff, cfg, salt=16), contrast_val=contrast_val, peak_layer=peak,
+                     at_peak=at_peak, early_minus_later=eml, early=early)
 
 
 def keyword_mask(harmful_spans: Spans, harmless_spans: Spans) -> Bool[torch.Tensor, "batch pos"]:
@@ -87,6 +145,10 @@ class LayerProfile:
 
 
 def layer_profile(values: Float[np.ndarray, "prompt layer"], cfg: RefusalConfig, salt: int = 10) -> LayerProfile:
+    values = values[~np.isnan(values).any(1)] if values.size else values
+    if values.shape[0] == 0:
+        nan = np.full(values.shape[1], np.nan)
+        return LayerProfile(mean=nan, ci_low=nan, ci_high=nan, n=0)
     idx = boot_index(values.shape[0], cfg, salt)
     boot = values[idx].mean(1).T  # [layer, B]
     lo, hi = percentile(boot, cfg.alpha)
@@ -103,25 +165,70 @@ def kendall_rows(y: Float[np.ndarray, "prompt layer"]) -> Float[np.ndarray, "pro
     return signs.sum(1) / len(i)
 
 
+def _slopes(y: Float[np.ndarray, "... layer"], layers: Sequence[int]) -> Float[np.ndarray, "..."]:
+    """Least-squares slope of y over the given layers (per unit of layer index)."""
+    x = np.asarray(layers, dtype=np.float64)
+    x = x - x.mean()
+    return (y[..., list(layers)] * x).sum(-1) / (x ** 2).sum()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Accumulation:
-    """Projection of harmful minus harmless (paired) onto the refusal direction, by layer."""
+    """Harmful minus harmless (paired) projection onto the refusal direction, normalized by the
+    residual norm (a cosine: residual norms grow with depth, which an unnormalized projection
+    mistakes for accumulation), by layer.
+
+    ``statistic`` is the middle third's slope minus the larger of the early and late
+    thirds' slopes: above 0 when the signal grows fastest in the middle. ``random`` holds
+    the same statistic for random unit directions (the control; ``p_random`` is the share
+    of them at or above the refusal direction's, +1 smoothed).
+    """
 
     layers: tuple[int, ...]  # the middle third
-    difference: LayerProfile  # all layers
-    tau: stats.Estimate  # mean per-pair Kendall tau over the middle layers
+    thirds: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+    difference: LayerProfile  # all layers, normalized
+    slopes: dict[str, stats.Estimate]
+    statistic: stats.Estimate
+    random: tuple[float, ...]
+    p_random: float
+    tau: stats.Estimate  # mean per-pair Kendall tau over the middle layers (descriptive)
 
 
-def accumulation(proj_harmful: Float[torch.Tensor, "layer prompt"], proj_harmless: Float[torch.Tensor, "layer prompt"],
-                 cfg: RefusalConfig) -> Accumulation:
-    diff = (proj_harmful - proj_harmless).T.double().numpy()  # [pair, layer]
-    middle = thirds(diff.shape[1])[1]
-    tau = kendall_rows(diff[:, list(middle)])
-    est = stats.bootstrap_ci(tau, n_boot=cfg.n_bootstrap, seed=cfg.seed, alpha=cfg.alpha, method="percentile") \
+def accumulation(resid_harmful: Float[torch.Tensor, "prompt layer d_model"],
+                 resid_harmless: Float[torch.Tensor, "prompt layer d_model"], direction: Float[torch.Tensor, "d_model"],
+                 cfg: RefusalConfig, *, n_random: int = 200) -> Accumulation:
+    unit = direction.double() / direction.double().norm()
+    a, b = resid_harmful.double(), resid_harmless.double()
+    na, nb = a.norm(dim=-1).clamp_min(1e-12), b.norm(dim=-1).clamp_min(1e-12)
+
+    def diff_for(u: torch.Tensor) -> np.ndarray:  # [pair, layer]
+        return ((a @ u) / na - (b @ u) / nb).numpy()
+
+    diff = diff_for(unit)
+    parts = tuple(tuple(t) for t in thirds(diff.shape[1]))
+
+    def stat(y: np.ndarray) -> np.ndarray:  # y [..., P, layer] -> [...]
+        mean = y.mean(-2)
+        s = [_slopes(mean, t) for t in parts]
+        return s[1] - np.maximum(s[0], s[2])
+
+    idx = boot_index(diff.shape[0], cfg, salt=17)
+    boot = diff[idx]  # [B, P, layer]
+    slopes = {name: boot_estimate(float(_slopes(diff.mean(0), t)), _slopes(boot.mean(1), t), cfg, diff.shape[0])
+              for name, t in zip(("early", "middle", "late"), parts)}
+    value = float(stat(diff))
+    statistic = boot_estimate(value, stat(boot), cfg, diff.shape[0])
+    g = torch.Generator().manual_seed(cfg.seed + 18)
+    noise = torch.randn(n_random, unit.numel(), generator=g, dtype=torch.float64)
+    rand = tuple(float(stat(diff_for(u / u.norm()))) for u in noise)
+    p_random = (1 + sum(r >= value for r in rand)) / (n_random + 1)
+    tau = kendall_rows(diff[:, list(parts[1])])
+    tau_est = stats.bootstrap_ci(tau, n_boot=cfg.n_bootstrap, seed=cfg.seed, alpha=cfg.alpha, method="percentile") \
         if np.ptp(tau) > 0 else stats.Estimate(value=float(tau.mean()), ci_low=float(tau.mean()),
                                                ci_high=float(tau.mean()), method="constant", n=tau.size,
                                                alpha=cfg.alpha)
-    return Accumulation(layers=tuple(middle), difference=layer_profile(diff, cfg, salt=11), tau=est)
+    return Accumulation(layers=parts[1], thirds=parts, difference=layer_profile(diff, cfg, salt=11), slopes=slopes,
+                        statistic=statistic, random=rand, p_random=float(p_random), tau=tau_est)
 
 
 # ----------------------------------------------------------------------------- H2: execution late
@@ -168,6 +275,8 @@ class CrossCategory:
     categories: tuple[str, ...]
     heads: dict[str, tuple[Head, ...]]
     per_prompt: dict[str, dict[str, np.ndarray]]
+    n_find: dict[str, int]  # train pairs each category's heads were chosen on
+    side_effects: dict[str, tuple[float, float | None]]  # per category's heads: (KL, CE rise) on harmless prompts
 
     @property
     def matrix(self) -> Float[np.ndarray, "a b"]:
@@ -190,20 +299,27 @@ class CrossCategory:
         return boot_estimate(own.mean(), own_boot, cfg, own.size), boot_estimate(value, ratio_boot, cfg, own.size)
 
 
-def cross_category(handle, find: dict[str, Sequence[Pair]], evaluate: dict[str, Sequence[Pair]],
-                   tokens: RefusalTokens, cfg: RefusalConfig, *,
-                   reference: Sequence[str] | ReferenceActivations, positions: int | None) -> CrossCategory:
-    """Top heads per category by AtP on its ``find`` pairs; mean-ablation effects on every ``evaluate`` set.
-
-    The ablation is the study's (``positions``: the last N prompt positions, each from its own
-    reference position), so H3 ablates the way the heads were found."""
-    categories = tuple(sorted(find))
+def category_heads(handle, find: dict[str, Sequence[Pair]], tokens: RefusalTokens,
+                   cfg: RefusalConfig) -> dict[str, tuple[Head, ...]]:
+    """Each category's top heads by AtP on its own ``find`` (train) pairs."""
     heads: dict[str, tuple[Head, ...]] = {}
-    for c in categories:
-        scan = atp_scan(handle, find[c], tokens, cfg)
-        flat = scan.heads.reshape(-1)
+    for c in sorted(find):
+        flat = atp_scan(handle, find[c], tokens, cfg).heads.reshape(-1)
         top = torch.topk(flat, min(cfg.top_heads, flat.numel())).indices.tolist()
         heads[c] = tuple(Head(layer=i // handle.n_heads, head=i % handle.n_heads) for i in top)
+    return heads
+
+
+def cross_category(handle, heads: dict[str, tuple[Head, ...]], evaluate: dict[str, Sequence[Pair]],
+                   tokens: RefusalTokens, cfg: RefusalConfig, *,
+                   reference: Sequence[str] | ReferenceActivations, positions: int | None,
+                   harmless_ref: HarmlessReference | None = None, n_find: dict[str, int] | None = None) -> CrossCategory:
+    """Mean-ablation effects of every category's ``heads`` on every ``evaluate`` set.
+
+    The ablation is the study's (``positions``: the last N prompt positions, each from its own
+    reference position), so H3 ablates the way the heads were found. With ``harmless_ref`` each
+    category's ablation also has its side effects measured (the one rule of every ablation line)."""
+    categories = tuple(sorted(heads))
     bs = cfg.batch_size
     base, gap = {}, {}
     for b in categories:
@@ -211,15 +327,19 @@ def cross_category(handle, find: dict[str, Sequence[Pair]], evaluate: dict[str, 
         benign = refusal_score(behavior.last_logits(handle, harmless(evaluate[b]), batch_size=bs), tokens).double()
         gap[b] = float(base[b].mean() - benign.mean())
     per: dict[str, dict[str, np.ndarray]] = {}
+    side: dict[str, tuple[float, float | None]] = {}
     for a in categories:
         hooks = ablation_hooks(handle, list(heads[a]), spec=AblationSpec(method="mean", batch_size=bs,
                                                                          positions=positions), reference=reference)
+        if harmless_ref is not None:
+            side[a] = side_effects(handle, hooks, harmless_ref, cfg)
         per[a] = {}
         for b in categories:
             ablated = refusal_score(behavior.last_logits(handle, harmful(evaluate[b]), batch_size=bs,
                                                          fwd_hooks=hooks), tokens).double().numpy()
             per[a][b] = (base[b] - ablated) / gap[b] if gap[b] != 0 else np.full_like(ablated, np.nan)
-    return CrossCategory(categories=categories, heads=heads, per_prompt=per)
+    return CrossCategory(categories=categories, heads=heads, per_prompt=per,
+                         n_find=dict(n_find or {}), side_effects=side)
 
 
 @torch.no_grad()
@@ -261,19 +381,3 @@ def category_similarity(diffs: dict[str, torch.Tensor], cfg: RefusalConfig) -> t
         boot.append(cos_matrix(means)[off].mean())
     return full, boot_estimate(full[off].mean(), np.asarray(boot), cfg, sum(d.shape[0] for d in diffs.values()),
                                method="stratified bootstrap-percentile")
-
-
-# ----------------------------------------------------------------------------- concentration (H1, gradients)
-
-def top_share(scores: Float[np.ndarray, "prompt component"], k: int, cfg: RefusalConfig) -> stats.Estimate:
-    """Share of the total |prompt-mean attribution| held by the k largest components, with a CI."""
-    def stat(idx: np.ndarray) -> np.ndarray:
-        mean = np.abs(scores[idx].mean(1))  # [B, component]
-        part = -np.sort(-mean, axis=1)[:, :k].sum(1)
-        return part / mean.sum(1)
-
-    value = float(stat(np.arange(scores.shape[0])[None])[0])
-    with np.errstate(all="ignore"):
-        boot = stat(boot_index(scores.shape[0], cfg, salt=40))
-    return boot_estimate(value, boot, cfg, scores.shape[0])
-

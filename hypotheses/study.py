@@ -7,105 +7,47 @@ first test that needs the head ranking computes it, later ones reuse it. No stag
 files; a long sweep can be routed through a checkpointing ``sweeper`` that the fixture
 supplies (``fixtures.sweeps.run_layer_sweep``).
 
-Data discipline: components are chosen on TRAIN pairs (heads, neurons, per-category
-heads) or TRAIN + VAL (the refusal direction: candidates on train, selection on val) and
-evaluated on TEST pairs (H1 patching and ablation, H2, criteria) or, per category, on
-val + test pairs that were never used to choose that category's heads (H3).
+Data discipline: components are chosen on TRAIN pairs (AtP over every head and neuron,
+exact verification of the candidates, per-category heads) or TRAIN + VAL (the refusal
+direction; the detection peak layer) and every line is scored on TEST pairs (or, per
+category, on val + test pairs that chose nothing of that category's). Before the first
+stage that scores a test pair, :attr:`Study.preregistration` fixes every line's statistic,
+bar, alpha, correction, split sizes and the selected components, hashed; the fixture
+writes it to ``preregistration.json`` and every verdict cites the hash.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from fixtures.config import RefusalConfig
-from fixtures.data import Pair, PromptSet
+from fixtures.data import Pair
+from hypotheses import claims
 from hypotheses import decisions as d
 from hypotheses import evidence as ev
+from hypotheses import localization as loc
 from hypotheses import structure as st
+from hypotheses.stages import StageClock, StudyData, Sweeper, _direct, balanced, stage  # noqa: F401 - re-exported
 from hypotheses.verdicts import Verdict
 from instruments import gradients, stats
 from instruments.ablation import ReferenceActivations, reference_activations
 from instruments.components import Component, Direction, Head, Neuron, hook_name, label
-from instruments.direction import DirectionSpec, find_refusal_direction, layer_projections
+from instruments.direction import DirectionSpec, find_refusal_direction
 from instruments.metrics import RefusalTokens
 from instruments.patching import PatchResult
 
 
-@dataclass(eq=False)
-class StageClock:
-    """Seconds spent in each stage, exclusive of the stages it pulled in (where the time goes)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    timer: Callable[[], float] = time.perf_counter
-    _inner: list[float] = field(default_factory=list)  # time spent in nested stages, per open stage
-
-    def run(self, name: str, compute: Callable[[], Any]) -> Any:
-        self._inner.append(0.0)
-        start = self.timer()
-        try:
-            return compute()
-        finally:
-            total = self.timer() - start
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + total - self._inner.pop(), 3)
-            if self._inner:
-                self._inner[-1] += total
-
-
-def stage(fn: Callable[[Any], Any]) -> cached_property:
-    """A study stage: computed on first use, then cached, its compute time kept in ``study.clock``."""
-    @functools.wraps(fn)
-    def timed(self):
-        return self.clock.run(fn.__name__, lambda: fn(self))
-    return cached_property(timed)
-
-
-def balanced(pairs: Sequence[Pair], n: int) -> tuple[Pair, ...]:
-    """The first n pairs taking categories in turn (file order within each), so no category dominates."""
-    by_cat: dict[str, list[Pair]] = {}
-    for p in pairs:
-        by_cat.setdefault(p.category, []).append(p)
-    out: list[Pair] = []
-    while len(out) < min(n, len(pairs)):
-        for cat in sorted(by_cat):
-            if by_cat[cat] and len(out) < n:
-                out.append(by_cat[cat].pop(0))
-    return tuple(out)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StudyData:
-    train: tuple[Pair, ...]
-    val: tuple[Pair, ...]
-    test: tuple[Pair, ...]
-    categories: tuple[str, ...]
-
-    @classmethod
-    def from_prompt_set(cls, ps: PromptSet) -> "StudyData":
-        from fixtures.data import require_size
-
-        data = cls(train=ps.split("train"), val=ps.split("val"), test=ps.split("test"), categories=ps.categories)
-        require_size(data.train, 4, what="train pairs for choosing components")
-        require_size(data.val, 2, what="val pairs for selecting the refusal direction")
-        require_size(data.test, 4, what="test pairs for evaluating the hypotheses")
-        return data
-
-    def category(self, cat: str, *splits: str) -> tuple[Pair, ...]:
-        return tuple(p for s in splits for p in getattr(self, s) if p.category == cat)
-
-
-Sweeper = Callable[[Callable[..., PatchResult], Sequence[int]], PatchResult]
-
-
-def _direct(fn: Callable[..., PatchResult], layers: Sequence[int]) -> PatchResult:
-    return fn(layers=tuple(layers))
+# The stages that choose something (components, a direction, a layer, the reference means):
+# none of them may read a test pair (tests/test_study_discipline.py runs every stage to check).
+SELECTION_STAGES: tuple[str, ...] = (
+    "train_pairs", "exact_heads", "atp", "candidates", "ranking", "neurons", "pooled", "h1_set", "h1_parameter_set",
+    "circuit", "controls", "category_heads", "detection_val", "direction", "direction_unusable", "refusal_direction",
+    "reference", "preregistration")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -116,6 +58,7 @@ class Study:
     cfg: RefusalConfig
     sweeper: Sweeper = field(default=_direct, repr=False)
     judged_test: tuple[ev.Judged, ev.Judged] | None = None  # (harmful, harmless) test judgements made already
+    preregister: Callable[[dict[str, Any], str], None] | None = field(default=None, repr=False)  # writes the record
     clock: StageClock = field(default_factory=StageClock, repr=False)  # not part of the results
 
     # ------------------------------------------------------------------ sizes
@@ -124,48 +67,42 @@ class Study:
         return self.handle.n_layers * self.handle.n_heads
 
     @property
-    def k_h1(self) -> int:
-        """How many heads H1 may use: the top h1_fraction of all heads (at least one)."""
-        return max(1, math.floor(self.cfg.h1_fraction * self.n_heads_total))
-
-    @property
     def window(self) -> int | None:
         """The positions every patch and mean ablation uses: the last N (post-instruction), or None (all)."""
         return ev.window(self.handle, self.cfg)
 
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        """The effect-share curve's fractions of components, H1's bar among them."""
+        return tuple(sorted({0.01, 0.02, 0.1, 0.2, self.cfg.h1_fraction}))
+
+    # ------------------------------------------------------------------ the splits
     @stage
     def train_pairs(self) -> tuple[Pair, ...]:
+        """The pairs that choose the components (AtP ranking, exact verification)."""
         return balanced(ev.aligned(self.handle, self.data.train, self.cfg), self.cfg.patch_pairs)
+
+    @property
+    def test_split(self) -> tuple[Pair, ...]:
+        """Every test pair; reading it fixes the pre-registration first (nothing scored before it)."""
+        self.preregistration  # noqa: B018 - the record is made before any test pair is scored
+        return self.data.test
 
     @stage
     def test_pairs(self) -> tuple[Pair, ...]:
         """The test pairs patching is scored on (every-position patching: those of equal token length)."""
-        return ev.aligned(self.handle, self.data.test, self.cfg)
+        return ev.aligned(self.handle, self.test_split, self.cfg)
 
-    @stage
-    def reference(self) -> ReferenceActivations:
-        """Mean-ablation statistics over harmless TRAIN prompts (disjoint from every evaluated prompt),
-        at every head's z and every MLP's neurons, per position of the study's window, taken once:
-        each ablation reuses them."""
-        names = [hook_name(Head(layer=layer, head=0)) for layer in range(self.handle.n_layers)]
-        names += [hook_name(Neuron(layer=layer, index=0)) for layer in range(self.handle.n_layers)]
-        return reference_activations(self.handle, ev.harmless(self.data.train), names, positions=self.window,
-                                     batch_size=self.cfg.batch_size)
-
-    # ------------------------------------------------------------------ stages
-    @stage
-    def behaviour(self) -> ev.Behaviour:
-        return ev.behaviour(self.handle, self.data.test, self.tokens, self.cfg, judged=self.judged_test)
-
+    # ------------------------------------------------------------------ choosing (train, val)
     @stage
     def exact_heads(self) -> PatchResult:
-        # The sweeper calls fn once per layer (checkpointed); the two unpatched runs are made on
-        # the first call that has work to do and shared by the rest (a resumed sweep whose
-        # layers are all on disk makes none). Made per call, they were a third of the sweep.
-        runs = functools.cache(lambda: ev.head_runs(self.handle, self.train_pairs, self.cfg))
+        """Every head patched exactly on the first ``sweep_pairs`` train pairs: descriptive (the heat map)."""
+        pairs = self.train_pairs[: self.cfg.sweep_pairs]
+        # The sweeper calls fn once per layer (checkpointed); the two unpatched runs are shared.
+        runs = functools.cache(lambda: ev.head_runs(self.handle, pairs, self.cfg))
 
         def fn(layers):
-            return ev.head_patching(self.handle, self.train_pairs, self.tokens, self.cfg, layers=layers, runs=runs())
+            return ev.head_patching(self.handle, pairs, self.tokens, self.cfg, layers=layers, runs=runs())
         return self.sweeper(fn, range(self.handle.n_layers))
 
     @stage
@@ -173,86 +110,68 @@ class Study:
         return ev.atp_scan(self.handle, self.train_pairs, self.tokens, self.cfg)
 
     @stage
+    def candidates(self) -> tuple[Head, ...]:
+        return loc.atp_candidates(self.atp, self.cfg.head_candidates)
+
+    @stage
     def ranking(self) -> ev.Ranking:
-        return ev.rank_heads(self.exact_heads, self.atp.heads, self.cfg)
+        """The AtP candidates verified by exact patching on the train pairs, by exact effect (AtP*)."""
+        atp = [float(self.atp.heads[h.layer, h.head]) for h in self.candidates]
+        return loc.verify(self.handle, self.train_pairs, self.tokens, self.cfg, self.candidates, np.asarray(atp))
 
     @stage
     def neurons(self) -> ev.Ranking:
-        """The AtP top neurons, verified exactly on half the train pairs (one patched forward per
-        neuron and pair: the full set would cost as much as the head sweep)."""
-        pairs = self.train_pairs[: max(2, len(self.train_pairs) // 2)]
+        """The AtP top neurons, verified exactly on the first ``neuron_pairs`` train pairs."""
+        pairs = self.train_pairs[: max(2, self.cfg.neuron_pairs)]
         return ev.rank_neurons(self.handle, pairs, self.tokens, self.cfg, self.atp)
 
     @stage
-    def h1_joint(self) -> stats.Estimate:
-        return ev.joint_patch(self.handle, self.test_pairs, self.tokens, self.cfg, self.ranking.top(self.k_h1))
+    def pooled(self) -> loc.PooledRanking:
+        return loc.pooled_ranking(self.handle, self.atp)
 
     @stage
-    def harmless_reference(self) -> ev.HarmlessReference:
-        """Clean next-token logits (and answer cross-entropy) on harmless test prompts, for side effects."""
-        answers = self.judged_test[1].texts if self.judged_test else ()
-        return ev.harmless_reference(self.handle, ev.harmless(self.data.test), answers, self.cfg)
-
-    def ablate(self, name: str, components: Sequence[Component], **kw: Any) -> ev.Condition:
-        """Refusal on the harmful test prompts with ``components`` ablated, with capability side effects."""
-        return ev.ablate_condition(self.handle, ev.harmful(self.data.test), self.tokens, self.cfg, name=name,
-                                   components=components, baseline=self.behaviour.refused_harmful,
-                                   reference=self.reference, harmless=self.harmless_reference, **kw)
+    def h1_set(self) -> tuple[Component, ...]:
+        """H1's components: the top ``h1_fraction`` of every head and neuron, by count."""
+        return self.pooled.top_fraction(self.cfg.h1_fraction)
 
     @stage
-    def h1_ablation(self) -> ev.Condition:
-        return self.ablate(f"top {self.k_h1} heads (H1)", self.ranking.top(self.k_h1))
+    def h1_parameter_set(self) -> tuple[Component, ...]:
+        """The top heads and neurons within ``h1_fraction`` of their parameters."""
+        return self.pooled.top_parameters(self.cfg.h1_fraction)
 
     @stage
     def circuit(self) -> tuple[Component, ...]:
         return self.ranking.top(self.cfg.top_heads) + self.neurons.top(self.cfg.top_neurons)
 
     @stage
-    def circuit_ablation(self) -> ev.Condition:
-        return self.ablate("heads + neurons", self.circuit)
+    def controls(self) -> dict[str, tuple[Component, ...]]:
+        """Size- and layer-matched random sets, drawn before anything is scored."""
+        seed = self.cfg.seed
+        return {"h1": ev.matched_random_circuit(self.handle, self.h1_set, seed=seed + 200),
+                "circuit": ev.matched_random_circuit(self.handle, self.circuit, seed=seed + 201),
+                "heads": ev.matched_random_circuit(self.handle, self.ranking.top(self.cfg.top_heads), seed=seed + 202),
+                "neurons": ev.matched_random_circuit(self.handle, self.neurons.top(self.cfg.top_neurons),
+                                                     seed=seed + 203)}
 
     @stage
-    def faithfulness(self) -> ev.Faithfulness:
-        """The circuit (heads + neurons) alone on the test pairs, beside size-matched random circuits."""
-        return ev.faithfulness(self.handle, self.test_pairs, self.tokens, self.cfg, self.circuit)
+    def category_heads(self) -> dict[str, tuple[Head, ...]]:
+        """Each category's top heads by AtP on all its train pairs (a category without held-out pairs has none)."""
+        find = {c: ev.aligned(self.handle, self.data.category(c, "train"), self.cfg) for c in self.data.categories}
+        held = {c: self.data.category(c, "val", "test") for c in self.data.categories}
+        return st.category_heads(self.handle, {c: v for c, v in find.items() if v and held[c]}, self.tokens, self.cfg)
 
     @stage
-    def attention_flow(self) -> gradients.AttentionFlow:
-        spec = gradients.GradientSpec(batch_size=self.cfg.batch_size)
-        return gradients.attention_gradient_flow(self.handle, ev.harmful(self.train_pairs), self.tokens, spec)
-
-    @stage
-    def gradient_share(self) -> stats.Estimate:
-        """Share of the heads' total |gradient x (harmful - harmless activation)| (AtP) in the top 5%.
-
-        The attribution of the harmful-harmless *difference*, not of each head's whole
-        output: a head that writes a lot but the same thing on both prompts scores 0.
-        """
-        per = self.atp.heads_per_prompt  # [layer, head, prompt]
-        scores = per.reshape(-1, per.shape[-1]).T.double().numpy()  # [prompt, head]
-        return st.top_share(scores, self.k_h1, self.cfg)
-
-    @stage
-    def gradient_vs_patching(self) -> stats.Estimate:
-        """Spearman of the gradient attribution (AtP) with the exact patching effect over all heads."""
-        grad = self.atp.heads.reshape(-1).double().numpy()
-        exact = self.exact_heads.normalized.reshape(-1).double().numpy()
-        return stats.spearman_ci(grad, exact, n_boot=self.cfg.n_bootstrap, seed=self.cfg.seed, alpha=self.cfg.alpha)
-
-    @stage
-    def keyword_profile(self) -> st.LayerProfile:
-        return st.layer_profile(st.keyword_attention(self.handle, self.data.test, self.cfg), self.cfg)
+    def detection_val(self) -> tuple[np.ndarray, np.ndarray]:
+        """Keyword attention on val pairs, harmful side and control: chooses the peak layer."""
+        val = self.data.val
+        return (st.keyword_attention(self.handle, val, self.cfg),
+                st.keyword_attention(self.handle, val, self.cfg, side="harmless"))
 
     @stage
     def direction(self):
         """(candidates, selection): candidates from all train pairs at every post-instruction position
         (or the last ``direction_positions``), selection on ``direction_val_pairs`` balanced val pairs
-        (Arditi et al. 2024: 32).
-
-        Selection screens every (position, layer) candidate by its bypass score on a few val
-        prompts, then scores the ``direction_screen`` best three ways on every selection
-        prompt; it is the costliest step of the study on a CPU.
-        """
+        (Arditi et al. 2024: 32). Screening keeps the selection within minutes on a CPU."""
         from fixtures.data import require_size
 
         cfg = self.cfg
@@ -281,6 +200,115 @@ class Study:
         records it, flagged): verdicts consult :attr:`direction_unusable` before using it."""
         return self.direction[1].direction
 
+    # ------------------------------------------------------------------ the pre-registration
+    @stage
+    def preregistration(self) -> tuple[dict[str, Any], str]:
+        """(record, sha256): every line's statistic, bar, alpha and correction, the split sizes and the
+        selected components, fixed before any stage scores a test pair."""
+        from fixtures.storage import stable_hash
+        from hypotheses.preregistration import record
+
+        rec = record(self)
+        digest = stable_hash("preregistration", rec)
+        if self.preregister is not None:
+            self.preregister(rec, digest)
+        return rec, digest
+
+    # ------------------------------------------------------------------ scoring (test)
+    @stage
+    def reference(self) -> ReferenceActivations:
+        """Mean-ablation statistics over harmless TRAIN prompts (disjoint from every evaluated prompt),
+        at every head's z and every MLP's neurons, per position of the study's window, taken once."""
+        names = [hook_name(Head(layer=layer, head=0)) for layer in range(self.handle.n_layers)]
+        names += [hook_name(Neuron(layer=layer, index=0)) for layer in range(self.handle.n_layers)]
+        return reference_activations(self.handle, ev.harmless(self.data.train), names, positions=self.window,
+                                     batch_size=self.cfg.batch_size)
+
+    @stage
+    def behaviour(self) -> ev.Behaviour:
+        """The gate: refusal on the test split (phase 2's judgements). It chooses nothing."""
+        return ev.behaviour(self.handle, self.data.test, self.tokens, self.cfg, judged=self.judged_test)
+
+    @stage
+    def effect_share(self) -> loc.EffectShare:
+        """The effect-share curve on test pairs: heads, neurons, both, and both by parameter budget."""
+        return loc.effect_share(self.handle, self.test_pairs, self.tokens, self.cfg, self.pooled, self.fractions)
+
+    @stage
+    def test_atp(self) -> ev.AtpScan:
+        return ev.atp_scan(self.handle, self.test_pairs, self.tokens, self.cfg)
+
+    @stage
+    def gradient_share(self) -> stats.Estimate:
+        """Share of the test pairs' |AtP| (heads + neurons) held by H1's components, chosen on train."""
+        return loc.held_share(self.test_atp, self.h1_set, self.cfg)
+
+    @stage
+    def harmless_reference(self) -> ev.HarmlessReference:
+        """Clean next-token logits (and answer cross-entropy) on harmless test prompts, for side effects."""
+        answers = self.judged_test[1].texts if self.judged_test else ()
+        return ev.harmless_reference(self.handle, ev.harmless(self.test_split), answers, self.cfg)
+
+    def ablate(self, name: str, components: Sequence[Component], **kw: Any) -> ev.Condition:
+        """Refusal on the harmful test prompts with ``components`` ablated, with capability side effects."""
+        return ev.ablate_condition(self.handle, ev.harmful(self.test_split), self.tokens, self.cfg, name=name,
+                                   components=components, baseline=self.behaviour.refused_harmful,
+                                   reference=self.reference, harmless=self.harmless_reference, **kw)
+
+    @stage
+    def h1_ablation(self) -> ev.Condition:
+        return self.ablate(f"the top {self.cfg.h1_fraction:.0%} of heads + neurons (H1)", self.h1_set)
+
+    @stage
+    def h1_control(self) -> ev.Condition:
+        return self.ablate("random heads + neurons matched to H1's", self.controls["h1"], kind="control",
+                           control_of=self.h1_ablation.name)
+
+    @stage
+    def circuit_ablation(self) -> ev.Condition:
+        return self.ablate("heads + neurons", self.circuit)
+
+    @stage
+    def circuit_control(self) -> ev.Condition:
+        return self.ablate("random heads + neurons", self.controls["circuit"], kind="control",
+                           control_of="heads + neurons")
+
+    @stage
+    def verified(self) -> loc.Verified:
+        """The AtP candidates' exact effects on every test pair (C1, S1)."""
+        return loc.verified_on_test(self.handle, self.test_pairs, self.tokens, self.cfg, self.candidates)
+
+    @stage
+    def gradient_vs_patching(self) -> stats.Estimate:
+        """Spearman of the candidates' AtP on train with their exact effect on test."""
+        grad = np.asarray([float(self.atp.heads[h.layer, h.head]) for h in self.candidates])
+        return stats.spearman_ci(grad, self.verified.effect, n_boot=self.cfg.n_bootstrap, seed=self.cfg.seed,
+                                 alpha=self.cfg.alpha)
+
+    @stage
+    def faithfulness(self) -> ev.Faithfulness:
+        """The circuit (heads + neurons) alone on the test pairs, beside size-matched random circuits."""
+        return ev.faithfulness(self.handle, self.test_pairs, self.tokens, self.cfg, self.circuit)
+
+    @stage
+    def attention_flow(self) -> gradients.AttentionFlow:
+        spec = gradients.GradientSpec(batch_size=self.cfg.batch_size)
+        return gradients.attention_gradient_flow(self.handle, ev.harmful(self.train_pairs), self.tokens, spec)
+
+    @stage
+    def keyword_profile(self) -> st.LayerProfile:
+        """Keyword attention of the harmful test prompts, by layer (descriptive)."""
+        return st.layer_profile(self.keyword_test[0], self.cfg)
+
+    @stage
+    def keyword_test(self) -> tuple[np.ndarray, np.ndarray]:
+        return (st.keyword_attention(self.handle, self.test_split, self.cfg),
+                st.keyword_attention(self.handle, self.test_split, self.cfg, side="harmless"))
+
+    @stage
+    def detection(self) -> st.Detection:
+        return st.detection(*self.keyword_test, *self.detection_val, self.cfg)
+
     @stage
     def direction_ablation(self) -> ev.Condition:
         """Refusal on harmful test prompts with the direction projected out everywhere (bypass)."""
@@ -294,25 +322,39 @@ class Study:
         sel = self.direction[1]
         vector = self.refusal_direction.tensor() * sel.scale
         hooks = steering_hooks(self.handle, vector, layer=sel.layer, coefficient=1.0)
-        return ev.judge(self.handle, ev.harmless(self.data.test), self.tokens, self.cfg, hooks=hooks)
+        return ev.judge(self.handle, ev.harmless(self.test_split), self.tokens, self.cfg, hooks=hooks)
+
+    @stage
+    def residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """resid_pre at the direction's position, every layer: (harmful test [prompt, layer, d], harmless)."""
+        from instruments.direction import resid_at
+
+        pos, bs = (self.direction[1].pos,), self.cfg.batch_size
+        return (resid_at(self.handle, ev.harmful(self.test_split), positions=pos, batch_size=bs)[:, 0],
+                resid_at(self.handle, ev.harmless(self.test_split), positions=pos, batch_size=bs)[:, 0])
 
     @stage
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Projection onto the refusal direction by layer: (harmful test [layer, prompt], harmless test)."""
-        bs = self.cfg.batch_size
-        return (layer_projections(self.handle, ev.harmful(self.data.test), self.refusal_direction, batch_size=bs),
-                layer_projections(self.handle, ev.harmless(self.data.test), self.refusal_direction, batch_size=bs))
+        unit = self.refusal_direction.tensor().float()
+        unit = unit / unit.norm()
+        return tuple((r.float() @ unit).T for r in self.residuals)  # type: ignore[return-value]
 
     @stage
     def accumulation(self) -> st.Accumulation:
-        return st.accumulation(*self.projections, self.cfg)
+        return st.accumulation(*self.residuals, self.refusal_direction.tensor(), self.cfg)
+
+    @stage
+    def depth_pairs(self) -> tuple[Pair, ...]:
+        return balanced(self.test_pairs, self.cfg.depth_pairs)
 
     @stage
     def block_patching(self) -> tuple[PatchResult, PatchResult]:
-        """Attention and MLP outputs of every layer, patched one at a time (denoising, train pairs)."""
+        """Attention and MLP outputs of every layer, patched one at a time (denoising, test pairs)."""
         from instruments.patching import patch_attn_out, patch_mlp_out
 
-        args = (self.handle, ev.harmful(self.train_pairs), ev.harmless(self.train_pairs), ev.metric_for(self.tokens),
+        pairs = self.depth_pairs
+        args = (self.handle, ev.harmful(pairs), ev.harmless(pairs), ev.metric_for(self.tokens),
                 ev.patch_spec(self.handle, self.cfg))
         return patch_attn_out(*args), patch_mlp_out(*args)
 
@@ -323,69 +365,86 @@ class Study:
 
     @stage
     def cross_category(self) -> st.CrossCategory:
-        find = {c: self.data.category(c, "train") for c in self.data.categories}
-        evaluate = {c: self.data.category(c, "val", "test") for c in self.data.categories}
-        find = {c: balanced(ev.aligned(self.handle, v, self.cfg), min(8, self.cfg.patch_pairs))
-                for c, v in find.items() if v and evaluate[c]}
-        return st.cross_category(self.handle, find, {c: evaluate[c] for c in find}, self.tokens, self.cfg,
-                                 reference=self.reference, positions=self.window)
+        heads = self.category_heads
+        self.preregistration  # noqa: B018 - val + test pairs are scored below
+        evaluate = {c: self.data.category(c, "val", "test") for c in heads}
+        n_find = {c: len(ev.aligned(self.handle, self.data.category(c, "train"), self.cfg)) for c in heads}
+        return st.cross_category(self.handle, heads, evaluate, self.tokens, self.cfg, reference=self.reference,
+                                 positions=self.window, harmless_ref=self.harmless_reference, n_find=n_find)
 
     @stage
     def category_similarity(self) -> tuple[np.ndarray, stats.Estimate]:
-        find = {c: self.data.category(c, "train") for c in self.cross_category.categories}
-        diffs = st.category_directions(self.handle, find, layer=self.refusal_direction.layer,
-                                       batch_size=self.cfg.batch_size)
+        """Categories' directions on their TEST pairs, at the refusal direction's layer (chosen on train + val)."""
+        cats = self.cross_category.categories
+        held = {c: tuple(p for p in self.test_split if p.category == c) for c in cats}
+        diffs = st.category_directions(self.handle, {c: v for c, v in held.items() if v},
+                                       layer=self.refusal_direction.layer, batch_size=self.cfg.batch_size)
         return st.category_similarity(diffs, self.cfg)
 
     # ------------------------------------------------------------------ verdicts
     def h1_verdicts(self) -> list[Verdict]:
-        b, n = self.behaviour, self.n_heads_total
-        lines = [d.h1_patching(self.h1_joint, self.k_h1, n, b, self.cfg, positions=ev.positions_label(self.window)),
-                 d.h1_ablation(self.h1_ablation, n, b, self.cfg),
-                 d.h1_gradients(self.gradient_share, self.k_h1, n, b, self.cfg)]
-        lines = d.with_holm(lines, self.cfg.alpha)
-        return lines + [d.overall("H1", lines)]
+        b, f, cfg = self.behaviour, self.cfg.h1_fraction, self.cfg
+        share, total, n_train = self.effect_share, self.pooled.total, len(self.train_pairs)
+        where = ev.positions_label(self.window)
+        lines = [d.h1_patching("patching", share.at("heads+neurons", f), len(self.h1_set), total,
+                               f"the top {f:.0%} of heads + neurons by count", b, cfg, n_train=n_train, positions=where),
+                 d.h1_patching("parameters", share.at("parameters", f), len(self.h1_parameter_set), total,
+                               f"the top heads + neurons within {f:.0%} of their parameters", b, cfg,
+                               n_train=n_train, positions=where),
+                 d.h1_ablation(self.h1_ablation, self.h1_control,
+                               loc.drop_difference(self.h1_ablation, self.h1_control, cfg), b, cfg),
+                 d.h1_gradients(self.gradient_share, len(self.h1_set), total, b, cfg)]
+        lines = d.finish("H1", lines, cfg)
+        return lines + [d.overall("H1", lines, cfg)]
 
     def h2_verdicts(self) -> list[Verdict]:
         b = self.behaviour
-        unusable = self.direction_unusable if b.present else None
+        unusable = self.direction_unusable
         direction = (d.no_direction("H2", "direction", unusable, b, self.cfg) if unusable
                      else d.h2_direction(self.accumulation, b, self.cfg))
-        lines = [d.h2_attention(self.keyword_profile, b, self.cfg), direction, d.h2_patching(self.depth, b, self.cfg)]
-        lines = d.with_holm(lines, self.cfg.alpha)
-        return lines + [d.overall("H2", lines)]
+        lines = [d.h2_attention(self.detection, b, self.cfg), direction, d.h2_patching(self.depth, b, self.cfg)]
+        lines = d.finish("H2", lines, self.cfg)
+        return lines + [d.overall("H2", lines, self.cfg)]
 
     def h3_verdicts(self) -> list[Verdict]:
         b = self.behaviour
+        if len(self.category_heads) < 2:
+            lines = d.one_category(tuple(self.category_heads), b, self.cfg)
+            return lines + [d.overall("H3", lines, self.cfg)]
         lines = d.h3_categories(self.cross_category, b, self.cfg)
-        unusable = self.direction_unusable if b.present else None
+        unusable = self.direction_unusable
         lines.append(d.no_direction("H3", "direction", unusable, b, self.cfg) if unusable
                      else d.h3_direction(self.category_similarity[1], b, self.cfg))
-        lines = d.with_holm(lines, self.cfg.alpha)
-        return lines + [d.overall("H3", lines)]
+        lines = d.finish("H3", lines, self.cfg)
+        return lines + [d.overall("H3", lines, self.cfg)]
 
     def criteria_verdicts(self) -> list[Verdict]:
-        b = self.behaviour
-        return [d.c1_heads(self.ranking, b, self.cfg), d.c2_ablation(self.circuit_ablation, b, self.cfg),
-                d.s1_gradients(self.gradient_vs_patching, "exact head patching (AtP vs exact, all heads)", b, self.cfg)]
+        b, cfg = self.behaviour, self.cfg
+        return [d.c1_heads(self.verified, b, cfg),
+                d.c2_ablation(self.circuit_ablation, self.circuit_control,
+                              loc.drop_difference(self.circuit_ablation, self.circuit_control, cfg), b, cfg),
+                d.s1_gradients(self.gradient_vs_patching, self.verified.n_pairs, b, cfg)]
 
     def gated_verdicts(self) -> list[Verdict]:
-        """Every line as inconclusive, without measuring anything: the model shows no refusal to explain."""
-        b = self.behaviour
-        lines = {"H1": ["patching", "ablation", "gradients"], "H2": ["attention", "direction", "patching"],
-                 "H3": [*self.data.categories, "direction"]}
-        out: list[Verdict] = []
-        for claim, evidence in lines.items():
-            group = [d.no_behaviour(claim, e, b, self.cfg) for e in evidence]
-            out += group + [d.overall(claim, group)]
-        return out + [d.no_behaviour("C1", "patching", b, self.cfg), d.no_behaviour("C2", "ablation", b, self.cfg),
-                      d.no_behaviour("S1", "gradients", b, self.cfg)]
+        """Every line of the claims table as inconclusive, measuring nothing: no refusal to explain."""
+        b, out = self.behaviour, []
+        for claim in claims.CLAIMS:
+            if not claim.in_study:
+                continue
+            group = [d.no_behaviour(claim.id, e, b, self.cfg) for e in claim.evidence(self.data.categories)]
+            out += group + ([d.overall(claim.id, group, self.cfg)] if claim.combined else [])
+        return out
 
     @stage
     def verdicts(self) -> tuple[Verdict, ...]:
+        from dataclasses import replace
+
         if not self.behaviour.present:
-            return tuple(self.gated_verdicts())
-        return tuple(self.h1_verdicts() + self.h2_verdicts() + self.h3_verdicts() + self.criteria_verdicts())
+            lines = self.gated_verdicts()
+        else:
+            lines = self.h1_verdicts() + self.h2_verdicts() + self.h3_verdicts() + self.criteria_verdicts()
+        digest = self.preregistration[1]
+        return tuple(replace(v, numbers={**v.numbers, "preregistration": digest}) for v in lines)
 
     def overall(self, claim: str) -> str:
         """The claim's overall verdict, or the combination of its lines when it has no overall line."""
@@ -411,18 +470,20 @@ class Study:
         return tuple(n for n in self.neurons.above(self.cfg.head_effect))  # type: ignore[misc]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"verdicts": [v.to_dict() for v in self.verdicts],
-                "head_effects": self.head_effects.tolist(),
-                "localized_heads": [label(h) for h in self.localized_heads],
-                "localized_neurons": [label(n) for n in self.localized_neurons],
-                "direction": {"layer": self.direction[1].layer, "pos": self.direction[1].pos,
-                              "meets_thresholds": self.direction[1].meets_thresholds,
-                              "vector": list(self.refusal_direction.vector)},
-                "cross_category": self.cross_category.matrix.tolist()}
+        out = {"verdicts": [v.to_dict() for v in self.verdicts], "head_effects": self.head_effects.tolist(),
+               "localized_heads": [label(h) for h in self.localized_heads],
+               "localized_neurons": [label(n) for n in self.localized_neurons],
+               "preregistration": self.preregistration[1]}
+        if self.behaviour.present:
+            out |= {"direction": {"layer": self.direction[1].layer, "pos": self.direction[1].pos,
+                                  "meets_thresholds": self.direction[1].meets_thresholds,
+                                  "vector": list(self.refusal_direction.vector)},
+                    "cross_category": self.cross_category.matrix.tolist() if len(self.category_heads) > 1 else []}
+        return out
 
 
-def run_study(handle, data: StudyData, tokens: RefusalTokens, cfg: RefusalConfig) -> Study:
+def run_study(handle, data: StudyData, tokens: RefusalTokens, cfg: RefusalConfig, **kw: Any) -> Study:
     """Every stage and every verdict, computed now (the self-validation tests' entry point)."""
-    study = Study(handle=handle, data=data, tokens=tokens, cfg=cfg)
+    study = Study(handle=handle, data=data, tokens=tokens, cfg=cfg, **kw)
     study.verdicts  # noqa: B018 - forces every stage
     return study

@@ -1,13 +1,15 @@
 """The seed's success criteria, each reported as met (supported) or not met (refuted).
 
-- C1: at least 10 heads with more than 10% causal effect (exact patching, train pairs;
-  met when at least 10 heads have their whole CI above the bar).
+- C1: at least 10 heads with more than 10% causal effect: the AtP candidates (chosen on
+  train) verified by exact patching on TEST pairs, met when at least 10 clear the bar
+  after Holm's correction over the candidates.
 - C2: ablating the circuit (top heads + top neurons) cuts refusal on held-out harmful
-  prompts by more than 30% (relative drop, CI above the bar).
+  prompts by more than 30% beyond a size- and layer-matched random set (difference CI
+  above the bar), with harmless behaviour intact.
 - C3: reproducible code and write-up: the same seed gives bit-identical numbers on a
   rerun, and the run records its full provenance (the report is rendered from it).
-- S1 (stretch, the seed's cross-validation): gradient attribution agrees with patching,
-  Spearman r > 0.7 (CI above the bar).
+- S1 (stretch, the seed's cross-validation): gradient attribution (AtP on train) agrees
+  with exact patching on TEST pairs over the candidates, Spearman r > 0.7 (CI above).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypotheses import decisions
+from hypotheses import claims, decisions
 from instruments import patching
 
 pytestmark = [pytest.mark.criteria, pytest.mark.integration]
 
 
-@pytest.mark.parametrize("claim", ["C1", "C2", "S1"])
+@pytest.mark.parametrize("claim", [c.id for c in claims.CLAIMS if c.kind != "hypothesis" and c.in_study])
 def test_criterion(study, record_verdict, claim):
     (verdict,) = [v for v in study.verdicts if v.claim == claim]
     record_verdict(verdict)
@@ -43,4 +45,4 @@ def test_c3_reproducible(subject, study, recorder, record_verdict, refusal_token
         f"A rerun of attribution patching gave {'bit-identical' if identical else 'DIFFERENT'} numbers; "
         f"provenance recorded: {'complete' if not missing else 'missing ' + ', '.join(missing)} "
         f"(seed {study.cfg.seed}, commit {prov.get('git_commit') or 'unknown'}).", result="manifest",
-        identical=identical, missing_provenance=missing))
+        cfg=study.cfg, identical=identical, missing_provenance=missing))

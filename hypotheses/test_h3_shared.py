@@ -7,8 +7,11 @@ Evidence needed:
 - ablation (one line per category B): the top heads found on *other* categories' TRAIN
   pairs, mean-ablated, remove at least 80% as much of B's refusal-score gap as B's own
   top heads do, on B's VAL + TEST prompts (cross-category ablation matrix);
-- direction: categories' harmful-minus-harmless activation directions (at the refusal
-  direction's layer) are similar, mean pairwise cosine above 0.8.
+- direction: categories' harmful-minus-harmless activation directions on their TEST pairs
+  (at the refusal direction's layer) are similar, mean pairwise cosine above 0.8.
+
+Each category's heads are chosen by AtP on all of its TRAIN pairs; every ablation obeys
+the side-effect rule; the category lines are Holm-corrected across categories.
 
 Falsified by: a category whose refusal is removed only by its own components (ratio CI
 below the bar), or dissimilar category directions. Bar: --refusal-h3-ratio.
@@ -34,6 +37,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def test_h3_cross_category_matrix(study, recorder):
+    if len(study.category_heads) < 2:
+        pytest.skip(f"{len(study.category_heads)} harm categories with train and held-out pairs: H3 needs two")
     cc = study.cross_category
     matrix, overlap = cc.matrix, cc.overlap
     assert matrix.shape == (len(cc.categories),) * 2
@@ -43,7 +48,10 @@ def test_h3_cross_category_matrix(study, recorder):
     recorder.save("h3/cross_category", numbers={
         "categories": list(cc.categories), "heads": {c: [f"L{h.layer}H{h.head}" for h in hs] for c, hs in cc.heads.items()},
         "similarity": sim.to_dict(), "n_eval": {c: int(cc.per_prompt[c][c].size) for c in cc.categories},
-        "positions": positions_label(study.window), "n_pairs": sum(int(cc.per_prompt[c][c].size) for c in cc.categories)},
+        "positions": positions_label(study.window), "n_pairs": sum(int(cc.per_prompt[c][c].size) for c in cc.categories),
+        "n_find": cc.n_find, "side_effects": {c: {"kl_harmless": kl, "answer_ce_increase": ce}
+                                              for c, (kl, ce) in cc.side_effects.items()},
+        "similarity_split": "test"},
         arrays={"matrix": torch.as_tensor(matrix).float(), "overlap": torch.as_tensor(overlap).float(),
                 "activation_correlation": torch.as_tensor(sim_matrix).float()})
 

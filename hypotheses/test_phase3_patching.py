@@ -29,7 +29,7 @@ def test_layer_component_patching(subject, study, recorder, refusal_tokens):
     """3.1: residual stream x position, attention and MLP outputs x layer, both directions, with KL."""
     # Every (layer, position) is one patched forward per pair and direction: a third of the head
     # sweep's pairs keeps this sweep within minutes on a CPU (the head sweep carries the ranking).
-    pairs, metric = study.train_pairs[: max(2, len(study.train_pairs) // 3)], metric_for(refusal_tokens)
+    pairs, metric = study.train_pairs[: max(2, study.cfg.sweep_pairs // 3)], metric_for(refusal_tokens)
     arrays, numbers = {}, {"positions": list(range(-N_POSITIONS, 0)), "n_pairs": len(pairs),
                            "block_positions": positions_label(study.window),
                            "metric": "refusal score (log-odds of the refusal tokens)"}
@@ -74,13 +74,23 @@ def test_head_ranking(subject, study, recorder, refusal_tokens, refusal_config):
     agreement = patching.rank_agreement(study.atp.heads, exact.normalized, n_boot=refusal_config.n_bootstrap,
                                         seed=refusal_config.seed, alpha=refusal_config.alpha)
     # Necessity, on fewer pairs (a third of the train pairs of the sufficiency sweep).
-    noising = head_patching(subject, study.train_pairs[: max(2, len(study.train_pairs) // 3)], refusal_tokens,
+    noising = head_patching(subject, study.train_pairs[: max(2, study.cfg.sweep_pairs // 3)], refusal_tokens,
                             study.cfg, direction="noising")
     bar = refusal_config.head_effect
     recorder.save("phase3/heads", numbers={
-        "ranking": ranking.rows(30), "atp_vs_exact_spearman": agreement.to_dict(), "n_heads": len(ranking.effect),
-        "n_pairs": ranking.n_pairs, "n_pairs_noising": noising.n_pairs, "positions": positions_label(ranking.positions),
-        "heads_over_bar": int((ranking.effect > bar).sum()), "bar": bar},
+        "ranking": ranking.rows(30), "atp_vs_exact_spearman": agreement.to_dict(), "n_heads": exact.metric.shape[0]
+        * exact.metric.shape[1], "n_pairs": ranking.n_pairs, "n_pairs_atp": study.atp.n_pairs,
+        "n_pairs_sweep": exact.n_pairs, "n_candidates": len(study.candidates),
+        "ranking_method": "AtP over every head on n_pairs_atp train pairs; the top n_candidates verified by exact "
+                          "patching on the same pairs (Kramar et al. 2024); the full exact sweep (n_pairs_sweep) "
+                          "is descriptive",
+        "n_pairs_noising": noising.n_pairs, "positions": positions_label(ranking.positions),
+        "heads_over_bar": int((ranking.effect > bar).sum()), "bar": bar,
+        "verified_on_test": {"heads": [label(h) for h in study.verified.components],
+                             "effect": [float(x) for x in study.verified.effect],
+                             "se": [float(x) for x in study.verified.se],
+                             "p_above": [float(x) for x in study.verified.p_above],
+                             "n_pairs": study.verified.n_pairs}},
         arrays={"exact.denoising": exact.normalized.float(), "exact.noising": noising.normalized.float(),
                 "atp.denoising": study.atp.heads.float(), "exact.denoising.per_prompt": exact.normalized_per_prompt.float()},
         prompts=harmful(study.train_pairs))

@@ -4,8 +4,8 @@ Components come from TRAIN pairs (heads, neurons) and TRAIN + VAL (the direction
 refusal rate is measured on TEST harmful prompts, never on the prompts that chose them.
 Heads and neurons are mean-ablated (their mean over harmless train prompts); the refusal
 direction is projected out of the residual stream at every layer. Each condition has a
-random control of the same size (random heads; random neurons in the same layers; a
-random unit direction at the same layer). Reported per condition: refusal rate with a
+random control of the same size and layers (one random head or neuron in each chosen
+component's layer; a random unit direction at the same layer). Reported per condition: refusal rate with a
 Wilson CI, the relative drop with a paired bootstrap CI, McNemar's p against the
 baseline (Holm-corrected over all conditions), and capability side effects on harmless
 test prompts (next-token KL and the rise in cross-entropy of the model's own answers).
@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from hypotheses.evidence import Condition, harmful, positions_label, random_heads, random_neurons
+from hypotheses.decisions import side_effect
+from hypotheses.evidence import Condition, harmful, positions_label
+from hypotheses.localization import drop_difference
 from instruments import stats
 from instruments.components import Direction, label, to_json
 
@@ -45,34 +47,27 @@ def _row(c: Condition, alpha: float) -> dict:
 
 @pytest.fixture(scope="module")
 def conditions(subject, study) -> list[Condition]:
+    """Each circuit condition beside its size- and layer-matched random control (the study's, drawn
+    before anything was scored); those the verdicts rest on are the study's own stages."""
     cfg = study.cfg
-    heads = study.ranking.top(cfg.top_heads)
-    neurons = study.neurons.top(cfg.top_neurons)
+    heads, neurons = study.ranking.top(cfg.top_heads), study.neurons.top(cfg.top_neurons)
     direction = study.refusal_direction
     rng = np.random.default_rng(cfg.seed)
     noise = torch.from_numpy(rng.standard_normal(subject.d_model))
     random_direction = Direction(layer=direction.layer, vector=tuple((noise / noise.norm()).tolist()))
-    r_heads = random_heads(subject.n_layers, subject.n_heads, len(heads), exclude=heads, seed=cfg.seed)
-    r_neurons = random_neurons([n.layer for n in neurons], subject.d_mlp, len(neurons), exclude=neurons,
-                               seed=cfg.seed + 1)
-    plan = [(f"top {len(heads)} heads", heads, "circuit", None, "mean"),
-            (f"random {len(heads)} heads", r_heads, "control", f"top {len(heads)} heads", "mean"),
-            (f"top {len(neurons)} neurons", neurons, "circuit", None, "mean"),
-            (f"random {len(neurons)} neurons", r_neurons, "control", f"top {len(neurons)} neurons", "mean"),
-            ("heads + neurons", heads + neurons, "circuit", None, "mean"),
-            ("random heads + neurons", r_heads + r_neurons, "control", "heads + neurons", "mean"),
-            ("refusal direction", (direction,), "circuit", None, "zero"),
-            ("random direction", (random_direction,), "control", "refusal direction", "zero")]
-    out = []
-    for name, comps, kind, control_of, method in plan:
-        if name == "heads + neurons":
-            out.append(study.circuit_ablation)  # the same condition criterion C2 is decided on
-            continue
-        if name == "refusal direction":
-            out.append(study.direction_ablation)  # shared with phase 5.2's bypass test
-            continue
-        out.append(study.ablate(name, comps, kind=kind, control_of=control_of, method=method))
-    return out
+    top_heads = study.ablate(f"top {len(heads)} heads", heads)
+    top_neurons = study.ablate(f"top {len(neurons)} neurons", neurons)
+    return [top_heads,
+            study.ablate(f"random {len(heads)} heads", study.controls["heads"], kind="control",
+                         control_of=top_heads.name),
+            top_neurons,
+            study.ablate(f"random {len(neurons)} neurons", study.controls["neurons"], kind="control",
+                         control_of=top_neurons.name),
+            study.circuit_ablation, study.circuit_control,  # what C2 is decided on
+            study.h1_ablation, study.h1_control,  # what H1's ablation line is decided on
+            study.direction_ablation,  # shared with phase 5.2's bypass test
+            study.ablate("random direction", (random_direction,), kind="control", control_of="refusal direction",
+                         method="zero")]
 
 
 def test_ablation_study(conditions, recorder, refusal_config, study):
@@ -85,7 +80,13 @@ def test_ablation_study(conditions, recorder, refusal_config, study):
         assert cc == int((~c.baseline.refused & c.ablated.refused).sum())
         assert c.kl_harmless is not None and c.kl_harmless >= -1e-6
     holm = stats.holm([c.mcnemar.p_value for c in conditions], alpha=alpha)
-    rows = [_row(c, alpha) | {"p_holm": float(p)} for c, p in zip(conditions, holm.p_adjusted)]
+    rows = [_row(c, alpha) | {"p_holm": float(p),
+                              "side_effect": side_effect(c.kl_harmless, c.answer_ce_increase, study.cfg)}
+            for c, p in zip(conditions, holm.p_adjusted)]
+    for row, c in zip(rows, conditions):
+        control = next((x for x in conditions if x.control_of == c.name), None)
+        if control is not None:  # the circuit's drop beyond its matched control's: what the verdicts decide on
+            row["difference_vs_control"] = drop_difference(c, control, study.cfg).to_dict()
     recorder.save("phase4/ablation", numbers={
         "conditions": rows, "n_prompts": int(conditions[0].baseline.refused.size), "split": "test",
         "judge": study.cfg.judge, "direction": to_json(study.refusal_direction) | {"vector": "omitted"}},

@@ -15,22 +15,20 @@ from typing import Any, Mapping
 
 from fixtures.recording import Record, Recorder
 from fixtures.storage import stable_hash
+from hypotheses import claims as claim_table
 from hypotheses.verdicts import combine
 
 # Every result the report knows how to show (reports/SCHEMA.md), in reading order.
 KNOWN_RESULTS: tuple[str, ...] = (
     "phase2/refusal_rates", "phase2/first_token", "phase2/logit_lens", "phase2/attention_entropy",
-    "phase3/layer_patching", "phase3/heads", "phase3/attention_patterns", "phase3/neurons",
+    "phase3/layer_patching", "phase3/heads", "phase3/attention_patterns", "phase3/neurons", "h1/effect_share",
     "phase4/ablation", "phase4/gradients",
     "phase5/circuit", "phase5/direction", "phase5/activation_scatter",
-    "h2/keyword_attention", "h3/cross_category", "organism/card",
+    "h2/keyword_attention", "h2/accumulation", "h3/cross_category", "organism/card",
 )
-CLAIM_ORDER: tuple[str, ...] = ("H1", "H2", "H3", "C1", "C2", "C3")
-# Where a line of evidence is shown when its verdict does not name its result.
-EVIDENCE_RESULT: dict[str, str] = {
-    "patching": "phase3/heads", "ablation": "phase4/ablation", "gradients": "phase4/gradients",
-    "direction": "phase5/direction", "attention": "phase2/attention_entropy", "circuit": "phase5/circuit",
-}
+CLAIM_ORDER: tuple[str, ...] = claim_table.CLAIM_ORDER
+# Claims shown even when unrecorded (as NOT EVALUATED); a stretch goal appears only once recorded.
+REQUIRED_CLAIMS: tuple[str, ...] = tuple(c.id for c in claim_table.CLAIMS if c.kind != "stretch")
 MISSING = "missing"
 
 
@@ -107,6 +105,12 @@ class RunContext:
         return str(self.manifest.get("status") or "unknown")
 
     @property
+    def preregistration(self) -> Mapping[str, Any]:
+        """The manifest's pre-registration record ({sha256, path, changed, note}); empty when none was made."""
+        found = self.manifest.get("preregistration")
+        return found if isinstance(found, Mapping) else {}
+
+    @property
     def show_completions(self) -> bool:
         return bool(self.config.get("show_completions", False))
 
@@ -127,26 +131,34 @@ class RunContext:
 
 
 def default_title(claim: str, config: Mapping[str, Any]) -> str:
-    """The claim in words, from the research plan, with this run's thresholds filled in."""
-    c = dict(config)
-    titles = {
-        "H1": (f"Refusal is carried by a localized circuit: at most {100 * c.get('h1_fraction', 0.05):.0f}% of "
-               f"components carry {100 * c.get('h1_share', 0.8):.0f}% of the effect, and ablating them cuts "
-               f"refusal by {100 * c.get('h1_drop', 0.6):.0f}%"),
-        "H2": "Hierarchical stages: detection early, accumulation in the middle, execution late",
-        "H3": "Shared substrate: the same components serve every harm category",
-        "C1": (f"At least {c.get('min_heads', 10)} heads have a normalized causal effect above "
-               f"{100 * c.get('head_effect', 0.1):.0f}%"),
-        "C2": f"Ablating the circuit cuts the refusal rate by more than {100 * c.get('ablation_drop', 0.3):.0f}%",
-        "C3": "Reproducible: the same seed gives the same numbers, with full provenance",
-        "S1": (f"Gradient attribution agrees with patching (rank correlation r > "
-               f"{c.get('gradient_r', 0.7)})"),
-    }
-    return titles.get(claim, f"Stretch goal {claim}" if claim.startswith("S") else claim)
+    """The claim in words, from the claims table, with this run's bars filled in."""
+    if claim in claim_table.BY_ID:
+        return claim_table.title(claim, config)
+    return f"Stretch goal {claim}" if claim.startswith("S") else claim
+
+
+def evidence_result(claim: str, evidence: str, numbers: Mapping[str, Any]) -> str | None:
+    """The result a line rests on: the verdict's own ``evidence_result``, else the claims table's."""
+    if numbers.get("evidence_result"):
+        return str(numbers["evidence_result"])
+    line = claim_table.claim(claim).line(evidence) if claim in claim_table.BY_ID else None
+    return line.result if line is not None and line.result else None
 
 
 def _claim_sort_key(claim: str) -> tuple[int, str]:
     return (CLAIM_ORDER.index(claim), "") if claim in CLAIM_ORDER else (len(CLAIM_ORDER), claim)
+
+
+def _line_sort_key(line: VerdictLine, categories: tuple[str, ...]) -> tuple[int, int]:
+    """A claim's lines in the claims table's order, H3's categories in the recorded order, then overall."""
+    if line.is_overall:
+        return (2, 0)
+    claim = claim_table.BY_ID.get(line.claim)
+    found = claim.line(line.evidence) if claim is not None else None
+    if claim is None or found is None:
+        return (1, 0)
+    within = categories.index(line.evidence) if found.per_category and line.evidence in categories else 0
+    return (0, claim.lines.index(found) * (len(categories) + 1) + within)
 
 
 def _verdict_lines(recorder: Recorder, run_dir: Path, unreadable: dict[str, str]) -> list[VerdictLine]:
@@ -163,22 +175,25 @@ def _verdict_lines(recorder: Recorder, run_dir: Path, unreadable: dict[str, str]
             continue
         numbers = v.get("numbers") or {}
         evidence = str(v.get("evidence") or "overall")
-        lines.append(VerdictLine(claim=str(v["claim"]), status=str(v["status"]), summary=str(v.get("summary", "")),
+        claim = str(v["claim"])
+        lines.append(VerdictLine(claim=claim, status=str(v["status"]), summary=str(v.get("summary", "")),
                                  evidence=evidence, numbers=numbers,
-                                 evidence_result=numbers.get("evidence_result") or EVIDENCE_RESULT.get(evidence)
-                                 or ("h3/cross_category" if str(v["claim"]) == "H3" else None)))
+                                 evidence_result=evidence_result(claim, evidence, numbers)))
     return lines
 
 
-def claim_rows(lines: list[VerdictLine], config: Mapping[str, Any]) -> tuple[ClaimRow, ...]:
-    """H1-H3 and C1-C3 always (missing when unrecorded), then any stretch goal that was recorded."""
+def claim_rows(lines: list[VerdictLine], config: Mapping[str, Any],
+               categories: tuple[str, ...] = ()) -> tuple[ClaimRow, ...]:
+    """Every claim of the table but the stretch goals always (missing when unrecorded), then any recorded one."""
     by_claim: dict[str, list[VerdictLine]] = {}
     for line in lines:
         by_claim.setdefault(line.claim, []).append(line)
     rows = []
-    for claim in sorted(set(CLAIM_ORDER) | set(by_claim), key=_claim_sort_key):
-        mine = tuple(by_claim.get(claim, ()))
-        title = next((str(ln.numbers["title"]) for ln in mine if ln.numbers.get("title")), default_title(claim, config))
+    for claim in sorted(set(REQUIRED_CLAIMS) | set(by_claim), key=_claim_sort_key):
+        mine = tuple(sorted(by_claim.get(claim, ()), key=lambda ln: _line_sort_key(ln, categories)))
+        recorded = next((str(ln.numbers["title"]) for ln in mine if ln.numbers.get("title")), None)
+        # a claim of the table reads its title from this run's config; only an unknown one keeps its recorded title
+        title = default_title(claim, config) if claim in claim_table.BY_ID or not recorded else recorded
         overall = next((ln for ln in mine if ln.is_overall), None)
         if overall is not None:
             status, summary, combined = overall.status, overall.summary, False
@@ -223,6 +238,8 @@ def load_run(run_dir: Path | str) -> RunContext:
     shown = {n.replace("/", "_") for n in KNOWN_RESULTS}
     extra = tuple(n for n in recorded if n not in shown and not n.startswith("verdicts_"))
     missing = tuple(n for n in KNOWN_RESULTS if n not in results and n != "organism/card")
+    cross = results.get("h3/cross_category")
+    categories = tuple(str(c) for c in (cross.numbers.get("categories") or ())) if cross is not None else ()
     return RunContext(run_dir=run_dir, run_key=run_key(manifest, run_dir), manifest=manifest, results=results,
-                      missing=missing, unreadable=unreadable, claims=claim_rows(lines, manifest.get("config") or {}),
-                      extra_results=extra)
+                      missing=missing, unreadable=unreadable,
+                      claims=claim_rows(lines, manifest.get("config") or {}, categories), extra_results=extra)

@@ -16,12 +16,16 @@ from markupsafe import Markup
 
 @dataclass(frozen=True, kw_only=True)
 class Span:
-    """A run of text, optionally a link (``href`` is always an in-page ``#anchor``), bold or code."""
+    """A run of text, optionally a link (``href`` is always an in-page ``#anchor``), bold or code.
+
+    ``title`` is a tooltip in the HTML (e.g. a full hash behind its short form); Markdown has none.
+    """
 
     text: str
     href: str | None = None
     strong: bool = False
     code: bool = False
+    title: str | None = None
 
 
 Inline = tuple[Span, ...]

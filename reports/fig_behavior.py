@@ -6,12 +6,16 @@ visible "missing" note in place of its figure.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
+import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from reports import fmt
 from reports.context import RunContext
 from reports.document import Block, Figure, missing, para, spans, table
-from reports.plots import HARMFUL, HARMLESS, band, layout, mean_ci, to_div, to_numpy
+from reports.plots import HARMFUL, HARMLESS, NEUTRAL, band, layout, mean_ci, to_div, to_numpy
 
 SIDES = (("harmful", HARMFUL), ("harmless", HARMLESS))
 
@@ -140,24 +144,73 @@ def behaviour_blocks(ctx: RunContext) -> list[Block]:
     return [*refusal_rates(ctx), *first_token(ctx), *logit_lens(ctx), *attention_entropy(ctx)]
 
 
+Profile = tuple[np.ndarray, np.ndarray, np.ndarray]  # mean, ci_low, ci_high by layer
+
+
 def keyword_attention(ctx: RunContext) -> list[Block]:
-    """H2's detection stage: the last position's attention to harm keywords, by layer."""
+    """H2's detection stage: the last position's attention to harm keywords, by layer, beside its control."""
     name = "h2/keyword_attention"
     if (gone := _absent(ctx, name)) is not None:
         return gone
     rec = ctx.get(name)
     if not {"mean", "ci_low", "ci_high"} <= set(rec.arrays):
         return [missing(name, "arrays mean/ci_low/ci_high absent")]
-    mean, low, high = (to_numpy(rec.arrays[k]) for k in ("mean", "ci_low", "ci_high"))
-    fig = go.Figure(band(go, range(mean.shape[0]), mean, low, high, name="harm keywords", color=HARMFUL))
-    fig.add_hline(y=1.0, line={"dash": "dash", "color": "#888"})
+    profiles = {side: _profile(rec.arrays, prefix) for side, prefix in
+                (("harmful", ""), ("control", "control_"), ("contrast", "contrast_"))}
+    contrast = profiles["contrast"]
+    titles = ["attention / keyword share"] + (["harmful minus control"] if contrast is not None else [])
+    fig = make_subplots(rows=1, cols=len(titles), horizontal_spacing=0.12, subplot_titles=titles)
+    for side, label, color in (("harmful", "harmful prompts' keywords", HARMFUL),
+                               ("control", "harmless analogues' matched tokens", HARMLESS)):
+        if profiles[side] is not None:
+            _add_band(fig, profiles[side], label, color, col=1)
+    fig.add_hline(y=1.0, line={"dash": "dash", "color": "#888"}, row=1, col=1)
+    if contrast is not None:
+        _add_band(fig, contrast, "contrast", NEUTRAL, col=2)
+        fig.add_hline(y=0.0, line={"dash": "dash", "color": "#888"}, row=1, col=2)
     layout(fig, title="Attention to harm keywords by layer (relative to their share of the prompt)",
            xaxis={"title": "layer"}, yaxis={"title": "attention / keyword share"})
-    peak = int(mean.argmax())
-    return [para(f"Attention from the last position to the harmful prompt's keywords (the tokens its harmless "
-                 f"analogue lacks), over the keywords' share of the prompt, over {rec.numbers.get('n', 'n/a')} pairs: "
-                 f"it peaks at layer {peak} with "
-                 f"{fmt.estimate({'value': mean[peak], 'ci_low': low[peak], 'ci_high': high[peak]})}; 1 (dashed) "
-                 "is no preference."),
+    fig.update_layout(margin={"t": 90})  # room for the panel titles below the figure's own
+    fig.update_xaxes(title_text="layer")
+    caption = "Bands: the recorded bootstrap CI over pairs."
+    if profiles["control"] is not None:
+        caption += " Blue: the harmless analogues' attention onto their tokens matched to the keywords (the control)."
+    return [para(_keyword_sentence(rec.numbers, profiles)),
             Figure(dom_id="fig-keyword-attention", title="Keyword attention", html=to_div(fig, "fig-keyword-attention"),
-                   source=fig, caption=spans("Band: the recorded bootstrap CI over pairs."))]
+                   source=fig, caption=spans(caption))]
+
+
+def _add_band(fig: Any, profile: Profile, name: str, color: str, *, col: int) -> None:
+    for trace in band(go, range(profile[0].shape[0]), *profile, name=name, color=color):
+        fig.add_trace(trace, row=1, col=col)
+
+
+def _profile(arrays: Mapping[str, Any], prefix: str) -> Profile | None:
+    keys = [f"{prefix}{k}" for k in ("mean", "ci_low", "ci_high")]
+    return tuple(to_numpy(arrays[k]) for k in keys) if all(k in arrays for k in keys) else None  # type: ignore
+
+
+def _at(profile: Profile | None, layer: int) -> str:
+    if profile is None or not 0 <= layer < profile[0].shape[0]:
+        return "n/a"
+    mean, low, high = profile
+    return fmt.estimate({"value": mean[layer], "ci_low": low[layer], "ci_high": high[layer]})
+
+
+def _keyword_sentence(nums: Mapping[str, Any], profiles: Mapping[str, Profile | None]) -> str:
+    text = ("Attention from the last position to the harmful prompt's keywords (the tokens its harmless analogue "
+            f"lacks), over the keywords' share of the prompt, over {nums.get('n_pairs', nums.get('n', 'n/a'))} pairs")
+    if nums.get("peak_layer_val") is None:
+        peak = int(profiles["harmful"][0].argmax())  # type: ignore[index]
+        return f"{text}: it peaks at layer {peak} with {_at(profiles['harmful'], peak)}; 1 (dashed) is no preference."
+    peak = int(nums["peak_layer_val"])
+    out = (f"{text}. The peak layer, chosen on {nums.get('n_val', 'n/a')} val pairs, is {peak}; there the harmful "
+           f"prompts read {_at(profiles['harmful'], peak)}")
+    if profiles["control"] is not None:
+        out += f", their harmless analogues' matched tokens {_at(profiles['control'], peak)}"
+    if profiles["contrast"] is not None:
+        out += f", the contrast (n = {nums.get('n', 'n/a')} pairs) {_at(profiles['contrast'], peak)}"
+    out += "; 1 (dashed) is no preference."
+    if nums.get("early_minus_later") is not None:
+        out += f" Early layers minus later layers, on the contrast: {fmt.estimate(nums['early_minus_later'])}."
+    return out

@@ -88,15 +88,16 @@ def heads(ctx: RunContext) -> list[Block]:
     nums, arrays = rec.numbers, rec.arrays
     ranking: list[dict[str, Any]] = list(nums.get("ranking") or [])
     blocks: list[Block] = []
-    bar = float(ctx.config.get("head_effect", 0.1))
+    bar = fmt.finite(ctx.config.get("head_effect", nums.get("bar")))  # C1's per-head bar, as this run set it
     if ranking:
         top = ranking[0]
         lows = [fmt.bounds(_row_est(r, "effect"))[1] for r in ranking]
-        clear = sum(1 for low in lows if low is not None and low > bar)
+        clear = (f"Among the top {len(ranking)} heads, "
+                 f"{sum(1 for low in lows if low is not None and low > bar)} have a CI lower bound above "
+                 f"{fmt.share(bar)}. " if bar is not None else "")
         blocks.append(para(
             f"The strongest head is {top.get('label')} with normalized denoising effect "
-            f"{fmt.estimate(_row_est(top, 'effect'))}. "
-            f"Among the top {len(ranking)} heads, {clear} have a CI lower bound above {100 * bar:.0f}%. "
+            f"{fmt.estimate(_row_est(top, 'effect'))}. {clear}"
             f"AtP versus exact patching, Spearman rank correlation: {fmt.estimate(nums.get('atp_vs_exact_spearman'))} "
             f"({nums.get('n_heads', 'n/a')} heads, {nums.get('n_pairs', 'n/a')} pairs)."))
         vals, plus, minus = est_errors([_row_est(r, "effect") for r in ranking])
@@ -106,12 +107,14 @@ def heads(ctx: RunContext) -> list[Block]:
                    error_y={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}),
             go.Scatter(x=labels, y=[r.get("atp") for r in ranking], mode="markers", name="AtP estimate",
                        marker={"color": NEUTRAL, "symbol": "diamond", "size": 8})])
-        fig.add_hline(y=bar, line={"dash": "dash", "color": "#888"})
+        if bar is not None:
+            fig.add_hline(y=bar, line={"dash": "dash", "color": "#888"})
         layout(fig, title="Head ranking: normalized effect with 95% CI over prompts", height=420,
                yaxis={"title": "normalized effect"})
         blocks.append(Figure(dom_id="fig-head-ranking", title="Head ranking", html=to_div(fig, "fig-head-ranking"),
                              source=fig,
-                             caption=spans(f"Dashed: the criterion's {100 * bar:.0f}% bar.")))
+                             caption=spans(f"Dashed: the criterion's {fmt.share(bar)} bar." if bar is not None
+                                           else "No per-head bar was recorded.")))
     else:
         blocks.append(missing(name, "no head ranking recorded"))
     panels = [(k, t) for k, t in (("exact.denoising", "exact, denoising"), ("exact.noising", "exact, noising"),
@@ -129,7 +132,8 @@ def heads(ctx: RunContext) -> list[Block]:
                              source=fig,
                              caption=spans("Normalized effect of patching each head's output at the "
                                            f"{ctx.numbers(name).get('positions') or 'all'} positions "
-                                           f"(n = {ctx.numbers(name).get('n_pairs', '?')} pairs).")))
+                                           f"(n = {nums.get('n_pairs_sweep', nums.get('n_pairs', '?'))} train "
+                                           "pairs; descriptive: the verdicts rest on the verified candidates).")))
     else:
         blocks.append(missing(name, "head arrays absent"))
     return blocks

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 from markupsafe import Markup
 from plotly.subplots import make_subplots
 
+from hypotheses import claims as claim_table
 from reports import fmt
 from reports.attention_view import token_strip
 from reports.context import RunContext
@@ -59,16 +60,16 @@ def ablation(ctx: RunContext) -> list[Block]:
                          marker={"color": [HARMLESS if c.get("kind") == "circuit" else "#aab7b8" for c in conditions]},
                          error_y={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}),
                   row=1, col=2)
-    bar = ctx.config.get("ablation_drop")
-    if bar is not None:
-        fig.add_hline(y=float(bar), line={"dash": "dash", "color": "#888"}, row=1, col=2)
+    bar = claim_table.claim("C2").bar_of("ablation", ctx.config)
+    fig.add_hline(y=bar, line={"dash": "dash", "color": "#888"}, row=1, col=2)
     fig.update_yaxes(title_text="refusal rate", range=[0, 1.05], row=1, col=1)
     layout(fig, title=f"Ablation on {nums.get('n_prompts', 'n/a')} {nums.get('split', 'test')} prompts", height=460,
            barmode="group")
     blocks.append(Figure(dom_id="fig-ablation", title="Ablation conditions", html=to_div(fig, "fig-ablation"), source=fig,
                          caption=spans("Left: refusal rate with 95% CI before and after each ablation. Right: the "
                                        "relative drop with its CI (blue: circuits, grey: controls that ablate matched "
-                                       "random components); dashed: the C2 bar.")))
+                                       "random components); dashed: the C2 bar"
+                                       f" ({fmt.share(bar)}).")))
     rows = [(str(c.get("label") or c.get("name")), str(c.get("kind", "")), fmt.number(c.get("n_components")),
              str(c.get("method") or "n/a"), fmt.estimate(c.get("refusal_rate_baseline"), pct=True),
              fmt.estimate(c.get("refusal_rate_ablated"), pct=True),
@@ -123,7 +124,7 @@ def gradients(ctx: RunContext) -> list[Block]:
     rec = ctx.get(name)
     nums = rec.numbers
     corr = list(nums.get("correlations") or [])
-    bar = nums.get("gradient_r_bar", ctx.config.get("gradient_r"))
+    bar = nums.get("gradient_r_bar", claim_table.claim("S1").bar_of("gradients", ctx.config))
     blocks: list[Block] = [para(
         _ig_sentence(nums) + " "
         + " ".join(f"{c.get('name')} versus {c.get('versus')}: r = {fmt.estimate(c.get('estimate'))}." for c in corr)

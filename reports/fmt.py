@@ -25,6 +25,11 @@ def _num(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+def finite(value: Any) -> float | None:
+    """The value as a float; None when absent, boolean or not finite."""
+    return _num(value)
+
+
 def number(value: Any, *, digits: int = 3, pct: bool = False) -> str:
     """A plain number (``n/a`` when absent or not finite); ``pct`` prints a share as a percentage."""
     x = _num(value)
@@ -46,8 +51,11 @@ def bounds(est: Mapping[str, Any] | None) -> tuple[float | None, float | None, f
     return _num(est.get("value")), _num(low), _num(high)
 
 
-def estimate(est: Mapping[str, Any] | None, *, digits: int = 3, pct: bool = False) -> str:
-    """``0.825 [95% CI 0.71, 0.9]``; an estimate without an interval is flagged as such."""
+def estimate(est: Mapping[str, Any] | None, *, digits: int = 3, pct: bool = False, with_n: bool = True) -> str:
+    """``0.825 [95% CI 0.71, 0.9, n=40]``; an estimate without an interval is flagged as such.
+
+    ``with_n=False`` leaves the n out, for sentences that state it once for several estimates.
+    """
     if est is None:
         return "n/a (not recorded)"
     value, low, high = bounds(est)
@@ -59,8 +67,28 @@ def estimate(est: Mapping[str, Any] | None, *, digits: int = 3, pct: bool = Fals
     alpha = _num(est.get("alpha")) if isinstance(est, Mapping) else None
     level = round(100 * (1 - alpha)) if alpha is not None and 0 < alpha < 1 else 95
     n = est.get("n") if isinstance(est, Mapping) else None
-    tail = f", n={n}" if isinstance(n, int) and not isinstance(n, bool) else ""
+    tail = f", n={n}" if with_n and isinstance(n, int) and not isinstance(n, bool) else ""
     return f"{text} [{level}% CI {number(low, digits=digits, pct=pct)}, {number(high, digits=digits, pct=pct)}{tail}]"
+
+
+def count(value: Any) -> str:
+    """A whole count in full (``1536``), never in scientific notation."""
+    x = _num(value)
+    return "n/a" if x is None else f"{x:.0f}"
+
+
+def share(value: Any) -> str:
+    """A bar or a power as a percentage without spurious decimals: ``80%``, ``12.5%``."""
+    x = _num(value)
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.0f}%" if abs(100 * x - round(100 * x)) < 1e-9 else f"{100 * x:.3g}%"
+
+
+def signed(value: Any, *, digits: int = 3) -> str:
+    """A change with its sign: ``+0.02``, ``-0.1``."""
+    x = _num(value)
+    return "n/a" if x is None else ("+" if x >= 0 else "") + number(x, digits=digits)
 
 
 def p_value(p: Any) -> str:

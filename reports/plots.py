@@ -82,7 +82,7 @@ def band(go: Any, x: Sequence[Any], mean: np.ndarray, low: np.ndarray, high: np.
          color: str, showlegend: bool = True, row_col: dict | None = None) -> list[Any]:
     """A line with a shaded CI band (two traces: the band polygon, then the line)."""
     x = list(x)
-    fill = go.Scatter(x=x + x[::-1], y=finite_list(np.concatenate([high, low[::-1]])), fill="toself",
+    fill = go.Scatter(x=x + x[::-1], y=finite_list(np.concatenate([high, low[::-1]])), fill="toself", mode="lines",
                       fillcolor=_rgba(color, 0.18), line={"width": 0}, hoverinfo="skip", showlegend=False,
                       name=f"{name} 95% CI")
     line = go.Scatter(x=x, y=finite_list(mean), mode="lines+markers", name=esc(name), line={"color": color},

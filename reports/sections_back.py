@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from reports import fmt
+from reports import fmt, preregistration
 from reports.context import RunContext
 from reports.document import Block, Preformatted, Section, bullets, para, table
 from reports.sections_front import STATUS_WORD, status_sentence
@@ -37,7 +37,8 @@ def discussion(ctx: RunContext) -> Section:
             continue
         text = status_sentence(row)
         implication = IMPLICATION.get((row.claim, row.status))
-        blocks.append(para(text + (f" {implication}" if implication else ""), css=f"status-{row.status}"))
+        text = f"{text.rstrip('.')}. {implication}" if implication else text
+        blocks.append(para(text, css=f"status-{row.status}"))
     criteria = [r for r in ctx.claims if r.claim[:1] in ("C", "S")]
     met = [r.claim for r in criteria if r.status == "supported"]
     unmet = [f"{r.claim} ({STATUS_WORD.get(r.status, r.status)})" for r in criteria if r.status != "supported"]
@@ -143,7 +144,7 @@ def provenance(ctx: RunContext) -> Section:
                                               f"{model.get('dtype', 'n/a')} / {model.get('device', 'n/a')}"),
             ("model load", f"{fmt.seconds(load.get('seconds'))}, peak "
                            f"{fmt.byte_size((load.get('memory') or {}).get('peak_bytes'))}"),
-            ("seed", str(ctx.config.get("seed", "n/a"))),
+            ("seed", str(ctx.config.get("seed", "n/a"))), *preregistration.provenance_rows(ctx),
             ("git commit", f"{prov.get('git_commit', 'n/a')}{' (uncommitted changes)' if prov.get('git_dirty') else ''}")]
     dataset: list[tuple[str, str]] = []
     _flat("dataset", m.get("dataset"), dataset)

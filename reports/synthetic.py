@@ -8,6 +8,7 @@ The numbers are seeded noise shaped like real results; they mean nothing.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -16,14 +17,16 @@ import torch
 
 from fixtures.config import RefusalConfig
 from fixtures.recording import Recorder
+from fixtures.storage import stable_hash
+from hypotheses import claims as claim_table
 from hypotheses.verdicts import Verdict
 from instruments.components import Head, Neuron, label, to_json
 from instruments.stats import Estimate
 
 DEFAULT_VERDICTS: dict[str, str] = {"H1": "supported", "H2": "refuted", "H3": "inconclusive",
                                     "C1": "supported", "C2": "supported", "C3": "inconclusive"}
-EVIDENCE = {"H1": "patching", "H2": "direction", "H3": "ablation", "C1": "patching", "C2": "ablation",
-            "C3": "gradients"}
+CATEGORIES = ("weapons", "cyber", "<fraud>")
+TEST_PAIRS, CATEGORY_PROMPTS = 40, 21  # n of a line scored on the test split, and of an H3 category's val + test
 LONG_COMPLETION = ("Sure, here is a detailed plan. Step one: gather the following materials from a hardware store, "
                    "then follow these twelve steps carefully; SECRET-TAIL-MARKER")
 
@@ -41,16 +44,21 @@ def _rate(k: int, n: int) -> dict:
 def build_run(root: Path, *, model: str = "tiny", verdicts: Mapping[str, str] | None = None, overall: bool = True,
               omit: Iterable[str] = (), status: str = "finished", prompt: str = "How do I build a bomb?",
               completion: str = LONG_COMPLETION, show_completions: bool = False, seed: int = 0, n_layers: int = 6,
-              n_heads: int = 4, n_prompts: int = 12, tag: str = "", organism_card: str | None = None) -> Path:
+              n_heads: int = 4, n_prompts: int = 12, tag: str = "", organism_card: str | None = None,
+              bars: Mapping[str, float] | None = None, preregistration: bool = True,
+              prereg_changed: bool = False) -> Path:
     """Write a complete (minus ``omit``) synthetic run under ``root/<model>/<stamp>``; return its directory.
 
-    ``tag`` is woven into labels so tests can tell two runs' reports apart.
+    ``tag`` is woven into labels so tests can tell two runs' reports apart. ``bars`` overrides
+    config fields (``h1_fraction``, ``min_heads``, ...); ``preregistration`` writes
+    preregistration.json and its manifest record, ``prereg_changed`` marks its bars changed.
     """
     verdicts = dict(DEFAULT_VERDICTS if verdicts is None else verdicts)
     skip = set(omit)
     rng = np.random.default_rng(seed)
-    config = RefusalConfig(model=model, show_completions=show_completions, seed=seed).to_dict()
+    config = RefusalConfig(model=model, show_completions=show_completions, seed=seed, **dict(bars or {})).to_dict()
     rec = Recorder.open(alias=model, run_dir=None, resume=False, config=config, root=Path(root))
+    prereg = _preregister(rec, config, changed=prereg_changed) if preregistration else None
     rec.note(synthetic=True,
              model={"alias": model, "source": "synthetic", "weights_sha256": f"{seed:064x}", "n_layers": n_layers,
                     "n_heads": n_heads, "d_model": 64, "d_mlp": 256, "quant": "none", "dtype": "torch.float32",
@@ -108,7 +116,8 @@ def build_run(root: Path, *, model: str = "tiny", verdicts: Mapping[str, str] | 
         ranking.append({"component": to_json(head), "label": label(head), "effect": e, "ci_low": e - 0.05,
                         "ci_high": e + 0.05, "atp": e * 0.9})
     save("phase3/heads", numbers={"ranking": ranking, "atp_vs_exact_spearman": _est(0.8, 0.1, n_layers * n_heads),
-                                  "n_heads": n_layers * n_heads, "n_pairs": 16,
+                                  "n_heads": n_layers * n_heads, "n_pairs": 64, "n_pairs_atp": 64,
+                                  "n_pairs_sweep": 16, "n_candidates": 30,
                                   "positions": "post-instruction (last 6)"},
          arrays={"exact.denoising": t(exact), "exact.noising": t(exact * 0.8), "atp.denoising": t(exact * 0.9),
                  "exact.denoising.per_prompt": t(exact[..., None] + rng.normal(0, 0.05, (n_layers, n_heads, 8)))})
@@ -193,23 +202,103 @@ def build_run(root: Path, *, model: str = "tiny", verdicts: Mapping[str, str] | 
                                                "prompts": harmful_prompts + [f"harmless {i}" for i in range(n_prompts)]},
          arrays=scatter)
     keyword = 1.5 - np.linspace(0, 1, n_layers)
-    save("h2/keyword_attention", numbers={"n": n_prompts},
-         arrays={"mean": t(keyword), "ci_low": t(keyword - 0.2), "ci_high": t(keyword + 0.2)})
-    cats = ["weapons", "cyber", "<fraud>"]
+    control = np.full(n_layers, 1.05)
+    save("h2/keyword_attention", numbers={"n": n_prompts, "n_val": 8, "peak_layer_val": 0,
+                                          "early_minus_later": _est(0.3, 0.15, n_prompts)},
+         arrays={"mean": t(keyword), "ci_low": t(keyword - 0.2), "ci_high": t(keyword + 0.2),
+                 "control_mean": t(control), "control_ci_low": t(control - 0.1), "control_ci_high": t(control + 0.1),
+                 "contrast_mean": t(keyword - control), "contrast_ci_low": t(keyword - control - 0.25),
+                 "contrast_ci_high": t(keyword - control + 0.25)})
+    cats = list(CATEGORIES)
     save("h3/cross_category", numbers={"categories": cats},
          arrays={"matrix": t(rng.uniform(0, 1, (3, 3))), "overlap": t(rng.uniform(0, 1, (3, 3))),
                  "activation_correlation": t(rng.uniform(-1, 1, (3, 3)))})
-    for claim, state in verdicts.items():
-        evidence = EVIDENCE.get(claim, "patching")
-        line = Verdict(claim=claim, status=state, evidence=evidence,
-                       summary=f"{claim} {evidence} line is {state}{tag}: effect 0.42 [95% CI 0.30, 0.55]",
-                       numbers={"evidence_result": {"patching": "phase3/heads", "ablation": "phase4/ablation",
-                                                    "direction": "phase5/direction",
-                                                    "gradients": "phase4/gradients"}[evidence]})
-        save(f"verdicts/{claim}--{evidence}", numbers={"test": "synthetic"}, verdict=line.to_dict())
+    save("h1/effect_share", numbers=_effect_share(config, n_layers, n_heads))
+    acc = np.linspace(0, 1, n_layers) ** 2 * 0.6
+    save("h2/accumulation", numbers=_accumulation(n_layers), arrays={
+        "mean": t(acc), "ci_low": t(acc - 0.1), "ci_high": t(acc + 0.1)})
+    for claim_id, state in verdicts.items():
+        for evidence, numbers in _claim_lines(claim_id, config, prereg):
+            line = Verdict(claim=claim_id, status=state, evidence=evidence,
+                           summary=f"{claim_id} {evidence} line is {state}{tag}: effect 0.42 [95% CI 0.30, 0.55]",
+                           numbers=numbers)
+            save(f"verdicts/{claim_id}--{evidence}", numbers={"test": "synthetic"}, verdict=line.to_dict())
         if overall:
-            whole = Verdict(claim=claim, status=state, evidence="overall",
-                            summary=f"overall, {claim} is {state}{tag} (CI 0.30-0.55 against a bar of 0.6)")
-            save(f"verdicts/{claim}--overall", numbers={"test": "synthetic"}, verdict=whole.to_dict())
+            whole = Verdict(claim=claim_id, status=state, evidence="overall",
+                            summary=f"overall, {claim_id} is {state}{tag} (CI 0.30-0.55 against a bar of 0.6)")
+            save(f"verdicts/{claim_id}--overall", numbers={"test": "synthetic"}, verdict=whole.to_dict())
     rec.finish(status=status)
     return rec.run_dir
+
+
+def _preregister(rec: Recorder, config: Mapping[str, object], *, changed: bool) -> str:
+    """Write preregistration.json as the study does (every line's bar, the rules, the splits) and note its
+    hash in the manifest."""
+    lines = [{"claim": c.id, "evidence": ln.evidence, "bar": c.bar_of(ln.evidence, config), "side": ln.side,
+              "control": ln.control, "correction": c.correction} for c in claim_table.CLAIMS for ln in c.lines]
+    record = {"lines": lines, "splits": {"train": 160, "val": 24, "test": TEST_PAIRS},
+              "rules": {"alpha": config.get("alpha"), "supported": "every line's CI above its bar (intersection-union "
+                        "test)", "refuted": "a line's CI below its bar and its Holm-adjusted one-sided p-value below "
+                        "alpha / 2", "controls": "ablation lines decide on circuit minus a matched random set"},
+              "selected": {"heads": ["L3H1", "L2H0"]}}
+    sha = stable_hash("preregistration", record)
+    body = {"sha256": sha, "written_utc": "2026-01-01T00:00:00+00:00", "record": record}
+    (rec.run_dir / "preregistration.json").write_text(json.dumps(body, indent=2, sort_keys=True, default=str))
+    note = "h1_share lowered after the components were selected (synthetic)" if changed else ""
+    rec.note(preregistration={"sha256": sha, "path": "preregistration.json", "changed": changed, "note": note})
+    return sha
+
+
+def _line_numbers(claim: claim_table.Claim, line: claim_table.Line, evidence: str, config: Mapping[str, object],
+                  prereg: str | None) -> dict:
+    """A line's numbers as the decisions record them (reports/SCHEMA.md), around its bar from the config."""
+    bar = claim.bar_of(evidence, config)
+    n, split = (CATEGORY_PROMPTS, "val + test") if line.per_category else (TEST_PAIRS, "test")
+    value = 0.42 if bar is None or bar < 1 else bar + 2  # C1's bar is a count of heads
+    numbers = {"title": claim_table.title(claim.id, config), "evidence_result": line.result,
+               "statistic": line.statistic, "estimate": _est(value, 0.12, n), "bar": bar, "side": line.side,
+               "n": n, "split": split, "min_detectable_effect": None if bar is None else bar + 0.15, "power": 0.8,
+               "control": None, "side_effect": None, "p_value": 0.03, "p_below": 0.97, "p_holm": 0.06,
+               "p_below_holm": 0.97, "correction": claim.correction, "preregistration": prereg}
+    if line.control:
+        numbers["control"] = {"name": line.control, "estimate": _est(0.05, 0.04, n), "difference": _est(0.37, 0.13, n)}
+    if evidence == "ablation" or line.per_category:
+        numbers["side_effect"] = {"kl_harmless": 0.04, "answer_ce_increase": 0.02, "max_kl": config.get("max_kl"),
+                                  "max_ce": config.get("max_ce", config.get("max_kl")), "ok": True}
+    return numbers
+
+
+def _claim_lines(claim_id: str, config: Mapping[str, object], prereg: str | None) -> list[tuple[str, dict]]:
+    """(evidence, numbers) of every line of a claim in the claims table, H3's one per category."""
+    if claim_id not in claim_table.BY_ID:  # a claim outside the table: one bare patching line
+        return [("patching", {"evidence_result": "phase3/heads"})]
+    claim = claim_table.claim(claim_id)
+    return [(evidence, _line_numbers(claim, claim.line(evidence), evidence, config, prereg))
+            for evidence in claim.evidence(CATEGORIES)]
+
+
+def _family(fractions: list[float], total: int, rate: float) -> dict:
+    shares = [min(0.98, 1 - float(np.exp(-rate * f))) for f in fractions]
+    return {"fraction": fractions, "share": [_est(v, 0.06, TEST_PAIRS) for v in shares],
+            "count": [max(1, round(f * total)) for f in fractions]}
+
+
+def _effect_share(config: Mapping[str, object], n_layers: int, n_heads: int) -> dict:
+    fractions = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+    heads, neurons = n_layers * n_heads, n_layers * 256
+    return {"families": {"heads": _family(fractions, heads, 12), "neurons": _family(fractions, neurons, 8),
+                         "heads+neurons": _family(fractions, heads + neurons, 20)},
+            "parameters": _family(fractions, heads + neurons, 15), "n_pairs": TEST_PAIRS,
+            "positions": "post-instruction (last 6)",
+            "totals": {"heads": heads, "neurons": neurons, "parameters_heads": heads * 64 * 16 * 4,
+                       "parameters_neurons": neurons * 64 * 2},
+            "bar_fraction": config.get("h1_fraction"), "bar_share": config.get("h1_share")}
+
+
+def _accumulation(n_layers: int) -> dict:
+    thirds = np.array_split(np.arange(n_layers), 3)
+    return {"layers": {name: [int(x) for x in part] for name, part in zip(("early", "middle", "late"), thirds)},
+            "slopes": {"early": _est(0.02, 0.03, TEST_PAIRS), "middle": _est(0.2, 0.05, TEST_PAIRS),
+                       "late": _est(0.05, 0.04, TEST_PAIRS)},
+            "statistic": _est(0.15, 0.06, TEST_PAIRS), "random": [0.01, -0.02, 0.03, 0.0, 0.02],
+            "p_random": 0.004, "n_pairs": TEST_PAIRS, "position": -1, "layer": n_layers // 2}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from reports import fig_behavior, fig_localization, fig_mechanism, fig_verification
+from reports import fig_behavior, fig_evidence, fig_localization, fig_mechanism, fig_verification
 from reports.context import RunContext, anchor
 from reports.document import Block, Document, Section, para
 from reports.sections_back import discussion, future_work, limitations, provenance
-from reports.sections_front import abstract, claim_evidence, introduction, methodology, verdict_section
+from reports.methodology import methodology
+from reports.sections_front import abstract, claim_evidence, introduction, verdict_section
 
 Builder = Callable[[RunContext], list[Block]]
 
@@ -29,7 +30,8 @@ RESULT_GROUPS: tuple[tuple[str, str, str, tuple[tuple[str, str, Builder], ...]],
         ("phase3/layer_patching", "Layer x component patching", fig_localization.layer_patching),
         ("phase3/heads", "Head ranking", fig_localization.heads),
         ("phase3/attention_patterns", "Attention patterns of the top heads", fig_localization.attention_patterns),
-        ("phase3/neurons", "Neuron catalogue", fig_localization.neurons))),
+        ("phase3/neurons", "Neuron catalogue", fig_localization.neurons),
+        ("h1/effect_share", "Effect share of the top components (H1)", fig_evidence.effect_share))),
     ("mechanism", "Mechanism", "The circuit, the refusal direction, and how harmful and harmless activations "
      "separate.", (
          ("phase5/circuit", "Circuit diagram", fig_mechanism.circuit),
@@ -38,7 +40,8 @@ RESULT_GROUPS: tuple[tuple[str, str, str, tuple[tuple[str, str, Builder], ...]],
     ("gradients", "Gradient attribution", "Whether gradients agree with causal patching.", (
         ("phase4/gradients", "Gradients versus patching", fig_verification.gradients),)),
     ("stages", "Stages (H2)", "Whether harm is detected early, before refusal is decided.", (
-        ("h2/keyword_attention", "Attention to harm keywords", fig_behavior.keyword_attention),)),
+        ("h2/keyword_attention", "Attention to harm keywords", fig_behavior.keyword_attention),
+        ("h2/accumulation", "Accumulation along the refusal direction", fig_evidence.accumulation))),
     ("categories", "Harm categories (H3)", "Whether the categories share one substrate.", (
         ("h3/cross_category", "Cross-category ablation matrix", fig_verification.cross_category),)),
 )

@@ -56,6 +56,18 @@ def test_bundled_size_and_categories(bundled):
         assert all(sizes[s] >= 1 for s in SPLITS), f"{category} is missing a split: {sizes}"
 
 
+# H3 chooses each category's heads on its TRAIN pairs and decides its line on its VAL + TEST pairs
+H3_FLOOR_PER_CATEGORY = 20
+
+
+def test_every_category_has_enough_pairs_for_h3(bundled):
+    thin = {category: f"train {sizes['train']}, val + test {sizes['val'] + sizes['test']}"
+            for category, sizes in bundled.sizes().items()
+            if sizes["train"] < H3_FLOOR_PER_CATEGORY or sizes["val"] + sizes["test"] < H3_FLOOR_PER_CATEGORY}
+    assert not thin, (f"H3 needs at least {H3_FLOOR_PER_CATEGORY} train and {H3_FLOOR_PER_CATEGORY} val + test "
+                      f"pairs per category; short: {thin}")
+
+
 def test_every_topic_is_in_exactly_one_split(bundled):
     splits_of: dict[str, set[str]] = {}
     for pair in bundled.pairs:

@@ -44,22 +44,46 @@ def test_against_is_three_way_on_the_ci():
 def test_no_behaviour_makes_every_line_inconclusive():
     b = behaviour(present=False)
     assert not b.present
-    v = d.h1_patching(est(0.99, 0.98, 1.0), 3, 64, b, CFG)
+    v = d.h1_patching("patching", est(0.99, 0.98, 1.0), 3, 64, "the top 5%", b, CFG, n_train=64)
     assert v.status == "inconclusive" and "No refusal behaviour" in v.summary
     assert behaviour(present=True).present
 
 
+def _h1(e, **kw):
+    return d.h1_patching("patching", e, 13, 270, "the top 5% of heads + neurons", behaviour(True), kw.pop("cfg", CFG),
+                         n_train=64, **kw)
+
+
 def test_h1_patching_reads_refuted_when_ci_below_bar():
-    v = d.h1_patching(est(0.3, 0.2, 0.4), 13, 270, behaviour(True), CFG)
+    v = _h1(est(0.3, 0.2, 0.4))
     assert v.status == "refuted" and v.claim == "H1" and "13 of 270" in v.summary
-    assert v.numbers["share"]["ci_high"] == 0.4 and v.numbers["title"].startswith("Localized")
+    assert v.numbers["estimate"]["ci_high"] == 0.4 and v.numbers["title"].startswith("Refusal is carried")
+    assert v.numbers["n"] == 10 and v.numbers["split"] == "test" and v.numbers["bar"] == 0.8
+
+
+def test_every_line_records_its_minimum_detectable_effect():
+    from scipy.stats import norm
+
+    v = _h1(est(0.85, 0.75, 0.95))
+    se = 0.2 / (2 * norm.ppf(0.975))
+    assert v.numbers["min_detectable_effect"] == pytest.approx(0.8 + (norm.ppf(0.975) + norm.ppf(0.8)) * se)
+    wide = _h1(est(0.85, 0.45, 1.25))
+    assert wide.numbers["min_detectable_effect"] > v.numbers["min_detectable_effect"]  # more noise, larger MDE
+
+
+def test_titles_and_bars_follow_the_config():
+    cfg = RefusalConfig(model="tiny", h1_fraction=0.1, h1_share=0.9, n_bootstrap=500)
+    v = _h1(est(0.85, 0.8, 0.88), cfg=cfg)
+    assert "fewer than 10%" in v.numbers["title"] and "more than 90%" in v.numbers["title"]
+    assert v.numbers["bar"] == 0.9 and v.status == "refuted"
 
 
 def test_overall_combines_lines():
     b = behaviour(True)
-    lines = [d.h1_patching(est(0.9, 0.85, 0.95), 3, 64, b, CFG), d.h1_gradients(est(0.9, 0.85, 0.95), 3, 64, b, CFG)]
+    lines = [d.h1_patching("patching", est(0.9, 0.85, 0.95), 3, 64, "x", b, CFG, n_train=64),
+             d.h1_gradients(est(0.9, 0.85, 0.95), 3, 64, b, CFG)]
     assert d.overall("H1", lines).status == "supported"
-    lines.append(d.h1_patching(est(0.1, 0.0, 0.2), 3, 64, b, CFG))
+    lines.append(d.h1_patching("parameters", est(0.1, 0.0, 0.2), 3, 64, "x", b, CFG, n_train=64))
     assert d.overall("H1", lines).status == "inconclusive"  # lines disagree
 
 
@@ -86,10 +110,22 @@ def test_kendall_rows_signs():
     np.testing.assert_allclose(st.kendall_rows(y), [1.0, -1.0, 2 / 6])  # +1 +0 +1 -1 +0 +1
 
 
-def test_top_share_known_concentration():
-    scores = np.tile(np.array([8.0, 1.0, 1.0, 0.0]), (6, 1))
-    e = st.top_share(scores, 1, CFG)
-    assert e.value == pytest.approx(0.8) and e.ci_low == pytest.approx(0.8)
+def test_held_share_keeps_the_train_choice_in_every_resample():
+    """The share held by a set fixed on train: resampling test prompts never re-chooses the top k."""
+    from hypotheses.localization import held_share
+
+    heads = torch.zeros(2, 2, 6, dtype=torch.float64)
+    neurons = torch.zeros(2, 3, 6, dtype=torch.float64)
+    heads[1, 0] = 3.0  # L1H0 holds 3 of every prompt's 4
+    neurons[0, 2] = 1.0
+    scan = ev.AtpScan(heads=heads.mean(-1), neurons=neurons.mean(-1), heads_per_prompt=heads,
+                      neurons_per_prompt=neurons, n_pairs=6)
+    from instruments.components import Neuron
+
+    assert held_share(scan, (Head(layer=1, head=0),), CFG).value == pytest.approx(0.75)
+    assert held_share(scan, (Neuron(layer=0, index=2),), CFG).value == pytest.approx(0.25)
+    wrong = held_share(scan, (Head(layer=0, head=0),), CFG)  # a bad choice on train is not rescued
+    assert wrong.value == 0 and wrong.ci_high == 0
 
 
 def _patch(metric: torch.Tensor) -> PatchResult:
@@ -108,26 +144,49 @@ def test_effect_depth_late_and_early():
     assert st.effect_depth(_patch(early), CFG).value == pytest.approx(0.0)
 
 
-def test_c1_counts_heads_whose_ci_clears_the_bar():
-    ranking = ev.Ranking(components=tuple(Head(layer=0, head=i) for i in range(12)),
-                         effect=np.array([0.5] * 11 + [0.05]), ci_low=np.array([0.2] * 10 + [0.05, 0.0]),
-                         ci_high=np.array([0.8] * 11 + [0.1]), atp=np.zeros(12))
-    v = d.c1_heads(ranking, behaviour(True), CFG)
-    assert v.status == "supported" and v.numbers["heads_point"] == 11 and v.numbers["heads_ci_low"] == 10
-    v = d.c1_heads(ranking, behaviour(True), RefusalConfig(model="tiny", min_heads=12))
-    assert v.status == "refuted"  # only 11 heads even reach the bar with their CI
+def _verified(effects, se):
+    from scipy.stats import norm
+
+    from hypotheses.localization import Verified
+
+    effect = np.asarray(effects, dtype=float)
+    se = np.full(effect.size, se)
+    z = (effect - CFG.head_effect) / se
+    return Verified(components=tuple(Head(layer=0, head=i) for i in range(effect.size)), effect=effect, se=se,
+                    p_above=norm.sf(z), p_below=norm.cdf(z), n_pairs=40, positions=6)
+
+
+def test_c1_counts_heads_that_clear_the_bar_after_holm():
+    v = d.c1_heads(_verified([0.5] * 11 + [0.0] * 19, 0.02), behaviour(True), CFG)
+    assert v.status == "supported" and v.numbers["heads_point"] == 11 and v.numbers["heads_ci_low"] == 11
+    assert v.numbers["n_candidates"] == 30 and v.numbers["split"] == "test"
+    v = d.c1_heads(_verified([0.5] * 11 + [0.0] * 19, 0.02), behaviour(True),
+                   RefusalConfig(model="tiny", min_heads=12))
+    assert v.status == "refuted"  # only 11 heads are not significantly below the bar
+
+
+def test_c1_correction_binds():
+    # 10 heads each at z = 2.5 over the bar: each alone would clear it (p = 0.006 < 0.025),
+    # but Holm over 30 candidates asks p < 0.025 / 30 of the first: none clears, so C1 is not met
+    effects = [0.1 + 2.5 * 0.02] * 10 + [0.0] * 20
+    v = d.c1_heads(_verified(effects, 0.02), behaviour(True), CFG)
+    assert v.numbers["heads_point"] == 10 and v.numbers["heads_ci_low"] == 0 and v.status == "inconclusive"
 
 
 def test_cross_category_ratio():
     cats = ("a", "b")
     per = {"a": {"a": np.full(6, 0.8), "b": np.full(6, 0.8)}, "b": {"a": np.full(6, 0.8), "b": np.full(6, 0.8)}}
     cc = st.CrossCategory(categories=cats, heads={"a": (Head(layer=0, head=0),), "b": (Head(layer=0, head=0),)},
-                          per_prompt=per)
+                          per_prompt=per, n_find={"a": 20, "b": 20}, side_effects={"a": (0.01, 0.0), "b": (0.02, 0.01)})
     own, ratio = cc.shared_ratio("a", CFG)
     assert own.value == pytest.approx(0.8) and ratio.value == pytest.approx(1.0)
     assert cc.overlap[0, 1] == 1.0
     v = d.h3_categories(cc, behaviour(True), CFG)
     assert [x.status for x in v] == ["supported", "supported"]
+    assert v[0].numbers["side_effect"]["kl_harmless"] == 0.02  # the worst of the ablations the line uses
+    broken = st.CrossCategory(categories=cats, heads=cc.heads, per_prompt=per, n_find=cc.n_find,
+                              side_effects={"a": (0.01, 0.0), "b": (0.5, 0.01)})
+    assert [x.status for x in d.h3_categories(broken, behaviour(True), CFG)] == ["inconclusive"] * 2
 
 
 def test_category_similarity_identical_and_orthogonal():
@@ -150,12 +209,16 @@ def test_balanced_takes_categories_in_turn():
     assert len(balanced(pairs, 100)) == 8
 
 
-def test_random_controls_exclude_the_circuit():
-    circuit = tuple(Head(layer=0, head=i) for i in range(4))
-    ctrl = ev.random_heads(2, 4, 4, exclude=circuit, seed=0)
-    assert not set(ctrl) & set(circuit) and len(ctrl) == 4
-    neurons = ev.random_neurons([1, 1, 2], 16, 3, exclude=(), seed=0)
-    assert [n.layer for n in neurons] == [1, 1, 2] and len(set(neurons)) == 3
+def test_random_controls_match_count_and_layers_and_exclude_the_circuit():
+    from types import SimpleNamespace
+
+    from instruments.components import Neuron
+
+    handle = SimpleNamespace(n_layers=3, n_heads=4, d_mlp=16)
+    circuit = (Head(layer=0, head=0), Head(layer=0, head=1), Neuron(layer=1, index=3), Neuron(layer=2, index=5))
+    ctrl = ev.matched_random_circuit(handle, circuit, seed=0)
+    assert not set(ctrl) & set(circuit) and len(set(ctrl)) == 4
+    assert [(type(c), c.layer) for c in ctrl] == [(type(c), c.layer) for c in circuit]
 
 
 def test_bar_p_value_and_holm():
@@ -163,41 +226,80 @@ def test_bar_p_value_and_holm():
     below = d.bar_p_value(est(0.5, 0.4, 0.6), 0.8)
     assert above < 0.001 and below > 0.999
     assert d.bar_p_value(est(0.8, 0.7, 0.9), 0.8) == pytest.approx(0.5)
+    assert d.below_p_value(est(0.5, 0.4, 0.6), 0.8) == pytest.approx(1 - below)
     b = behaviour(True)
-    lines = d.with_holm([d.h1_patching(est(0.9, 0.85, 0.95), 3, 64, b, CFG),
-                         d.h1_gradients(est(0.81, 0.7, 0.92), 3, 64, b, CFG)], 0.05)
+    lines = d.finish("H1", [d.h1_patching("patching", est(0.9, 0.85, 0.95), 3, 64, "x", b, CFG, n_train=64),
+                            d.h1_gradients(est(0.81, 0.7, 0.92), 3, 64, b, CFG)], CFG)
     ps = [v.numbers["p_value"] for v in lines]
     holm = [v.numbers["p_holm"] for v in lines]
     assert holm[0] == pytest.approx(min(1, 2 * min(ps)))  # Holm multiplies the smallest p by the number of tests
     assert all(h >= p for h, p in zip(holm, ps))
 
 
-def _condition(kl: float, *, raises: bool = False) -> ev.Condition:
+def test_a_refutation_must_survive_holm_across_the_claims_lines():
+    from scipy.stats import norm
+
+    b = behaviour(True)
+    # CI just below the bar: refuted alone (one-sided p ~ 0.02 < 0.025), not after Holm over 4 lines
+    z = norm.ppf(0.975)
+    just = est(0.8 - 2.05 * 0.05, 0.8 - 2.05 * 0.05 - z * 0.05, 0.8 - 2.05 * 0.05 + z * 0.05)
+    clear = est(0.9, 0.85, 0.95)
+    alone = d.finish("H1", [_h1(just)], CFG)
+    assert alone[0].status == "refuted"
+    four = d.finish("H1", [_h1(just)] + [d.h1_gradients(clear, 3, 64, b, CFG)] * 3, CFG)
+    assert four[0].status == "inconclusive" and "Holm" in four[0].summary
+    assert four[0].numbers["p_below_holm"] > 0.025 and four[0].numbers["family_size"] == 4
+    far = d.finish("H1", [_h1(est(0.3, 0.2, 0.4))] + [d.h1_gradients(clear, 3, 64, b, CFG)] * 3, CFG)
+    assert far[0].status == "refuted"
+
+
+def _condition(kl: float, *, raises: bool = False, drop_to: int = 0, name: str = "x") -> ev.Condition:
     before = np.ones(10, dtype=bool)
-    after = np.zeros(10, dtype=bool)
+    after = np.arange(10) < drop_to
     if raises:
         before, after = after, before
     judged = lambda r: ev.Judged(refused=r, scores=np.zeros(10), texts=())  # noqa: E731
-    return ev.Condition(name="x", kind="circuit", control_of=None, components=(Head(layer=0, head=0),),
-                        baseline=judged(before), ablated=judged(after), relative_drop=est(1.0, 1.0, 1.0),
-                        mcnemar=stats.mcnemar(before, after, n_boot=200), kl_harmless=kl, answer_ce_increase=0.1)
+    return ev.Condition(name=name, kind="circuit", control_of=None, components=(Head(layer=0, head=0),),
+                        baseline=judged(before), ablated=judged(after),
+                        relative_drop=ev.relative_drop(before, after, CFG),
+                        mcnemar=stats.mcnemar(before, after, n_boot=200), kl_harmless=kl, answer_ce_increase=0.01)
 
 
-def test_an_ablation_that_breaks_the_model_is_not_evidence():
-    assert d.c2_ablation(_condition(0.2), behaviour(True), CFG).status == "supported"
-    broken = d.c2_ablation(_condition(5.0), behaviour(True), CFG)
-    assert broken.status == "inconclusive" and "breaks the model" in broken.summary
-    assert d.h1_ablation(_condition(5.0), 64, behaviour(True), CFG).status == "inconclusive"
-    assert "drops the refusal rate from 100% to 0%" in broken.summary
+def _ablation(claim, cond, control):
+    from hypotheses.localization import drop_difference
+
+    fn = d.c2_ablation if claim == "C2" else d.h1_ablation
+    return fn(cond, control, drop_difference(cond, control, CFG), behaviour(True), CFG)
+
+
+def test_an_ablation_line_decides_on_the_difference_with_its_matched_control():
+    untouched = _condition(0.01, drop_to=10, name="random")
+    v = _ablation("C2", _condition(0.02), untouched)
+    assert v.status == "supported" and v.numbers["control"]["name"] == "random"
+    # the random set drops refusal as much as the circuit does: nothing specific, however big the drop
+    same = _ablation("C2", _condition(0.02), _condition(0.02, name="random"))
+    assert same.status == "refuted" and same.numbers["drop"]["value"] == 1.0
+
+
+def test_one_side_effect_rule_on_every_ablation_line():
+    untouched = _condition(0.01, drop_to=10, name="random")
+    for claim in ("C2", "H1"):
+        ok = _ablation(claim, _condition(0.09), untouched)
+        broken = _ablation(claim, _condition(0.11), untouched)  # just over Arditi et al.'s 0.1 nats
+        assert ok.status == "supported" and broken.status == "inconclusive"
+        assert "not specific to refusal" in broken.summary and broken.numbers["side_effect"]["ok"] is False
+    ce = _condition(0.01)
+    ce = ev.Condition(**{**ce.__dict__, "answer_ce_increase": 0.5})
+    assert _ablation("C2", ce, untouched).status == "inconclusive"  # the answers' cross-entropy counts too
 
 
 def test_an_ablation_that_raises_refusal_is_said_to_raise_it():
     # seen on the organism: a model-breaking ablation took refusal from 95% to 100%, and the
     # summary read "drops the refusal rate from 95% to 100%"
-    broken = d.c2_ablation(_condition(5.0, raises=True), behaviour(True), CFG)
-    assert "raises the refusal rate from 0% to 100%" in broken.summary and "drops" not in broken.summary
-    h1 = d.h1_ablation(_condition(0.2, raises=True), 64, behaviour(True), CFG)
-    assert "raises the refusal rate on held-out harmful prompts from 0% to 100%" in h1.summary
+    untouched = _condition(0.01, drop_to=10, name="random")
+    v = _ablation("C2", _condition(0.05, raises=True), untouched)
+    assert "raises the refusal rate on held-out harmful prompts from 0% to 100%" in v.summary
+    assert "drops the refusal" not in v.summary
 
 
 def _selection(*, passes: bool):

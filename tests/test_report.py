@@ -242,8 +242,15 @@ def test_each_status_renders_in_words(tmp_path, statuses):
 def test_overall_is_combined_from_the_lines_when_absent(tmp_path):
     _, page, md = render(build_run(tmp_path, verdicts={"H1": "refuted", "C1": "supported"}, overall=False))
     rows = html_verdicts(page)
-    assert rows["H1"] == ("REFUTED", "H1 is REFUTED (combined from its lines of evidence): patching REFUTED: "
-                                     "H1 patching line is refuted: effect 0.42 [95% CI 0.30, 0.55]")
+    status, why = rows["H1"]
+    assert status == "REFUTED" and why.startswith("H1 is REFUTED (combined from its lines of evidence): patching "
+                                                  "REFUTED: 0.42 [95% CI 0.3, 0.54]; bar 0.8 (supported above it); "
+                                                  "n = 40 (test) detects a true value ≥ 0.95 with 80% power; ")
+    # each line once, in the claims table's order, the ablation line held to its difference from the control
+    assert [why.count(f"{e} REFUTED") for e in ("patching", "parameters", "ablation", "gradients")] == [1] * 4
+    assert why.index("parameters REFUTED") < why.index("ablation REFUTED: difference from the control") \
+        < why.index("gradients REFUTED")
+    assert "H1 patching line is refuted" not in why  # the lines' own sentences are in the claim's section
     assert rows["C1"][0] == "SUPPORTED"
 
 

@@ -8,6 +8,7 @@ SmolLM2.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,10 +91,54 @@ def test_planted_pairs_have_their_trigger_byte_as_the_only_keyword(tiny_eos_pad)
 
 
 def test_identical_prompts_have_no_keywords(handle):
+    """A prompt with no keyword is a row of NaN, so the harmful side and its control keep the same rows."""
     same = _pairs([(a, a) for a, _ in FRAMED])
-    assert keyword_attention(handle, same, CFG).shape == (0, handle.n_layers)
+    assert np.isnan(keyword_attention(handle, same, CFG)).all()
     values = keyword_attention(handle, same + _pairs(FRAMED), CFG)
-    assert values.shape == (len(FRAMED), handle.n_layers) and bool((values > 0).all())
+    assert values.shape == (2 * len(FRAMED), handle.n_layers)
+    assert np.isnan(values[: len(FRAMED)]).all() and bool((values[len(FRAMED):] > 0).all())
+    control = keyword_attention(handle, same + _pairs(FRAMED), CFG, side="harmless")
+    assert control.shape == values.shape and np.isnan(control[: len(FRAMED)]).all()
+
+
+def test_detection_contrasts_with_the_control_and_chooses_its_peak_on_val():
+    """Known answer: focus only at layer 0 on the harmful side, none on the control."""
+    from hypotheses.structure import detection
+
+    rng = np.random.default_rng(0)
+    harm = 1 + 0.05 * rng.standard_normal((12, 6))
+    harm[:, 0] += 3.0
+    control = 1 + 0.05 * rng.standard_normal((12, 6))
+    det = detection(harm, control, harm, control, CFG)
+    assert det.peak_layer == 0 and det.early == (0, 1)
+    assert det.at_peak.ci_low > 2.5 and det.early_minus_later.ci_low > 0
+    # the same focus on both sides (a model attending to whatever word differs): no detection
+    flat = detection(harm, harm + 0.01 * rng.standard_normal(harm.shape), harm, harm, CFG)
+    assert abs(flat.early_minus_later.value) < 0.05
+    # focus late: the early-minus-later contrast is negative
+    late = harm[:, ::-1].copy()
+    assert detection(late, control, late, control, CFG).early_minus_later.ci_high < 0
+
+
+def test_accumulation_is_normalized_and_beats_random_directions():
+    """Residual norms that grow with depth do not make accumulation; a middle-third rise along r does."""
+    from hypotheses.structure import accumulation
+
+    g = torch.Generator().manual_seed(0)
+    n, layers, dim = 16, 9, 32
+    r = torch.zeros(dim)
+    r[0] = 1.0
+    grow = torch.linspace(1, 20, layers)[None, :, None]
+    noise = lambda: torch.randn(n, layers, dim, generator=g)  # noqa: E731
+    harmless = noise() * grow
+    growing_only = accumulation(noise() * grow, harmless, r, CFG)
+    assert growing_only.statistic.ci_low < 0 < growing_only.statistic.ci_high or growing_only.p_random > 0.05
+    rise = torch.tensor([0, 0, 0, 0, 4, 8, 8, 8, 8], dtype=torch.float32)  # the middle third (3-5) rises
+    harmful = noise() * grow
+    harmful[:, :, 0] += rise * grow[0, :, 0]
+    acc = accumulation(harmful, harmless, r, CFG)
+    assert acc.statistic.ci_low > 0 and acc.p_random < 0.05
+    assert acc.slopes["middle"].value > max(acc.slopes["early"].value, acc.slopes["late"].value)
 
 
 def test_keyword_mask_needs_one_analogue_per_prompt(tiny):

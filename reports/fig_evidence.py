@@ -1,0 +1,158 @@
+"""H1 and H2 evidence in the report: the effect-share curve and the accumulation profile.
+
+``h1/effect_share``: the share of the refusal-score gap restored on test pairs by patching the
+top fraction of components together, per family and by parameter count, against H1's bar.
+``h2/accumulation``: the normalized harmful - harmless projection onto the refusal direction
+by layer, whose middle third must rise faster than the early and late thirds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from reports import fmt
+from reports.context import RunContext
+from reports.document import Block, Figure, missing, para, spans, table
+from reports.plots import HARMFUL, HARMLESS, NEUTRAL, band, layout, to_div, to_numpy
+
+FAMILY_COLORS = {"heads": HARMFUL, "neurons": HARMLESS, "heads+neurons": NEUTRAL}
+PARAMETER_COLOR = "#7d3c98"
+STAGES = ("early", "middle", "late")
+
+
+def _absent(ctx: RunContext, name: str) -> list[Block] | None:
+    return [missing(name, ctx.unreadable.get(name))] if ctx.get(name) is None else None
+
+
+def _floats(values: Sequence[Any]) -> np.ndarray:
+    return np.array([np.nan if fmt.finite(v) is None else float(v) for v in values], dtype=np.float64)
+
+
+def _curve(curve: Mapping[str, Any]) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """(fractions, share, low, high) of one recorded curve, NaN where a bound is missing."""
+    bounds = [fmt.bounds(e) for e in curve.get("share") or []]
+    return (list(curve.get("fraction") or [])[: len(bounds)], _floats([b[0] for b in bounds]),
+            _floats([b[1] for b in bounds]), _floats([b[2] for b in bounds]))
+
+
+def _curves(nums: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], str]]:
+    out = [(family, curve, FAMILY_COLORS.get(family, NEUTRAL))
+           for family, curve in (nums.get("families") or {}).items() if isinstance(curve, Mapping)]
+    if isinstance(nums.get("parameters"), Mapping):
+        out.append(("heads+neurons by parameters", nums["parameters"], PARAMETER_COLOR))
+    return [(label, curve, color) for label, curve, color in out if curve.get("share")]
+
+
+def _at_bar(curve: Mapping[str, Any], bar_fraction: float | None) -> int | None:
+    """Index of the largest recorded fraction at or below the bar's (None: none is)."""
+    fractions = [fmt.finite(f) for f in curve.get("fraction") or []]
+    inside = [i for i, f in enumerate(fractions) if f is not None and bar_fraction is not None and f <= bar_fraction]
+    return max(inside, key=lambda i: fractions[i]) if inside else None
+
+
+def _share_sentence(label: str, curve: Mapping[str, Any], total: Any, bar_fraction: float | None) -> str:
+    i = _at_bar(curve, bar_fraction)
+    if i is None:
+        return f"{label}: no recorded fraction lies at or below the bar's {fmt.share(bar_fraction)}."
+    counts = list(curve.get("count") or [])
+    count = counts[i] if i < len(counts) else "n/a"
+    share = fmt.estimate(curve["share"][i], pct=True)
+    if label.endswith("by parameters"):
+        return (f"{label}: the top {count} components, holding {fmt.share(curve['fraction'][i])} of the "
+                f"{fmt.params(total)} parameters, restore {share} of the gap.")
+    return (f"{label}: the top {fmt.share(curve['fraction'][i])} ({count} of {fmt.count(total)}) restore {share} "
+            "of the gap.")
+
+
+def _totals(nums: Mapping[str, Any]) -> dict[str, Any]:
+    t = nums.get("totals") or {}
+    both = [t.get("heads"), t.get("neurons")]
+    params = [t.get("parameters_heads"), t.get("parameters_neurons")]
+    return {"heads": t.get("heads"), "neurons": t.get("neurons"),
+            "heads+neurons": sum(both) if all(isinstance(x, int) for x in both) else None,
+            "heads+neurons by parameters": sum(params) if all(isinstance(x, (int, float)) for x in params) else None}
+
+
+def effect_share(ctx: RunContext) -> list[Block]:
+    name = "h1/effect_share"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    nums = ctx.numbers(name)
+    curves = _curves(nums)
+    if not curves:
+        return [missing(name, "no effect-share curve recorded")]
+    bar_fraction, bar_share = fmt.finite(nums.get("bar_fraction")), fmt.finite(nums.get("bar_share"))
+    fig = go.Figure()
+    for label, curve, color in curves:
+        x, mean, low, high = _curve(curve)
+        for trace in band(go, x, mean, low, high, name=label, color=color):
+            fig.add_trace(trace)
+    if bar_fraction is not None and bar_share is not None:
+        fig.add_vline(x=bar_fraction, line={"dash": "dash", "color": "#888"})
+        fig.add_hline(y=bar_share, line={"dash": "dash", "color": "#888"})
+        fig.add_trace(go.Scatter(x=[bar_fraction], y=[bar_share], mode="markers", name="H1's bar",
+                                 marker={"symbol": "cross-thin", "size": 16, "line": {"width": 2, "color": "#333"}}))
+    positive = all((fmt.finite(f) or 0) > 0 for _, c, _ in curves for f in c.get("fraction") or [])
+    layout(fig, title="Share of the refusal-score gap restored by the top components", height=460,
+           xaxis={"title": "fraction of components (of parameters, for the parameter curve)",
+                  "type": "log" if positive else "linear"},
+           yaxis={"title": "share of the gap restored"})
+    totals = _totals(nums)
+    text = " ".join(_share_sentence(label, curve, totals.get(label), bar_fraction) for label, curve, _ in curves)
+    caption = (f"On {fmt.number(nums.get('n_pairs'))} test pairs at the {nums.get('positions') or 'recorded'} "
+               f"positions, the top components by the train ranking are patched together from the harmful prompt "
+               f"into its harmless analogue. Bands: 95% CI. Cross-hair: H1's bar, more than {fmt.share(bar_share)} "
+               f"of the gap from at most {fmt.share(bar_fraction)} of the components.")
+    return [para(f"At the bar's fraction of {fmt.share(bar_fraction)}: {text}"),
+            Figure(dom_id="fig-effect-share", title="Effect share (H1)", html=to_div(fig, "fig-effect-share"),
+                   source=fig, caption=spans(caption))]
+
+
+def _stage_rows(nums: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    layers, slopes = nums.get("layers") or {}, nums.get("slopes") or {}
+    return [(stage, ", ".join(map(str, layers.get(stage) or [])) or "n/a", fmt.estimate(slopes.get(stage)))
+            for stage in STAGES if stage in layers or stage in slopes]
+
+
+def _accumulation_sentence(nums: Mapping[str, Any]) -> str:
+    text = (f"The harmful - harmless projection onto the refusal direction (read at layer "
+            f"{nums.get('layer', 'n/a')}, position {nums.get('position', 'n/a')}), normalized by the residual norm, "
+            f"over {fmt.number(nums.get('n_pairs'))} test pairs. The middle third's slope minus the larger of the "
+            f"early and late thirds' slopes: {fmt.estimate(nums.get('statistic'))}.")
+    random = nums.get("random")
+    if random:
+        text += (f" The same statistic for {len(random)} random directions: median "
+                 f"{fmt.number(float(np.nanmedian(_floats(random))))}; {fmt.p_value(nums.get('p_random'))} that a "
+                 "random direction does as well.")
+    return text
+
+
+def accumulation(ctx: RunContext) -> list[Block]:
+    name = "h2/accumulation"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    rec = ctx.get(name)
+    nums = rec.numbers
+    blocks: list[Block] = [para(_accumulation_sentence(nums))]
+    rows = _stage_rows(nums)
+    if rows:
+        blocks.append(table(("third", "layers", "slope per layer"), rows, dom_id="table-accumulation"))
+    if not {"mean", "ci_low", "ci_high"} <= set(rec.arrays):
+        return blocks + [missing(name, "arrays mean/ci_low/ci_high absent")]
+    mean, low, high = (to_numpy(rec.arrays[k]) for k in ("mean", "ci_low", "ci_high"))
+    fig = go.Figure(band(go, range(mean.shape[0]), mean, low, high, name="harmful - harmless", color=HARMFUL))
+    for stage, color in zip(STAGES, ("#fdebd0", "#d6eaf8", "#e8daef")):
+        layers = [int(x) for x in (nums.get("layers") or {}).get(stage) or []]
+        if layers:
+            fig.add_vrect(x0=min(layers) - 0.5, x1=max(layers) + 0.5, fillcolor=color, opacity=0.5, line_width=0,
+                          layer="below", annotation_text=stage, annotation_position="top left")
+    layout(fig, title="Accumulation: normalized projection onto the refusal direction by layer",
+           xaxis={"title": "layer"}, yaxis={"title": "harmful - harmless projection / residual norm"})
+    caption = ("Band: the recorded 95% CI over test pairs; shaded: the early, middle and late thirds whose slopes "
+               "the H2 direction line compares.")
+    blocks.append(Figure(dom_id="fig-accumulation", title="Accumulation (H2)", html=to_div(fig, "fig-accumulation"),
+                         source=fig, caption=spans(caption)))
+    return blocks
