@@ -212,15 +212,28 @@ def overall(claim: str, lines: list[Verdict], cfg: RefusalConfig | None = None) 
 # ----------------------------------------------------------------------------- H1
 
 def h1_patching(evidence: str, share: stats.Estimate, k: int, total: int, what: str, b: Behaviour,
-                cfg: RefusalConfig, *, n_train: int, positions: str = "all") -> Verdict:
-    """``evidence`` "patching" (the top fraction by count) or "parameters" (by parameter budget)."""
+                cfg: RefusalConfig, *, n_train: int, positions: str = "all", control: stats.Estimate | None = None,
+                difference: stats.Estimate | None = None) -> Verdict:
+    """``evidence`` "patching" (the top fraction by count) or "parameters" (by parameter budget).
+
+    Supported only when the share clears the bar *and* beats a size- and layer-matched random
+    set patched the same way (the difference's CI above 0)."""
     if not b.present:
         return no_behaviour("H1", evidence, b, cfg)
-    return measured("H1", evidence, share, cfg,
-                    f"Patching {what} together ({k} of {total} heads + neurons, chosen by AtP on {n_train} train "
-                    f"pairs), at the {positions} positions, restores {fmt(share)} of the refusal-score gap on "
-                    f"{share.n} test pairs (bar: > {cfg.h1_share}).",
-                    n=share.n, split="test", k=k, n_components=total, positions=positions, n_train=n_train)
+    status = against(share, cfg.h1_share)
+    beats = difference is None or difference.ci_low > 0
+    summary = (f"Patching {what} together ({k} of {total} heads + neurons, chosen by AtP on {n_train} train "
+               f"pairs), at the {positions} positions, restores {fmt(share)} of the refusal-score gap on "
+               f"{share.n} test pairs (bar: > {cfg.h1_share}).")
+    if control is not None and difference is not None:
+        summary += f" A matched random set restores {fmt(control)}; difference {fmt(difference)}."
+        if status == "supported" and not beats:
+            summary += " The chosen set does not beat the random one: inconclusive."
+            status = "inconclusive"
+    return measured("H1", evidence, share, cfg, summary, n=share.n, split="test", status=status,
+                    control=None if control is None else {"name": "size- and layer-matched random heads + neurons",
+                                                          "estimate": control, "difference": difference},
+                    k=k, n_components=total, positions=positions, n_train=n_train)
 
 
 def _moves(before: float, after: float) -> str:
@@ -250,13 +263,17 @@ def h1_ablation(cond: Condition, control: Condition, diff: stats.Estimate, b: Be
     return _ablation_line("H1", cfg.h1_drop, cond, control, diff, b, cfg)
 
 
-def h1_gradients(share: stats.Estimate, k: int, total: int, b: Behaviour, cfg: RefusalConfig) -> Verdict:
+def h1_gradients(share: stats.Estimate, k: int, total: int, b: Behaviour, cfg: RefusalConfig, *,
+                 control: stats.Estimate | None = None) -> Verdict:
     if not b.present:
         return no_behaviour("H1", "gradients", b, cfg)
-    return measured("H1", "gradients", share, cfg,
-                    f"On {share.n} test pairs, the {k} of {total} heads + neurons chosen on train hold {fmt(share)} of "
-                    f"the total |gradient x activation difference| (AtP) attribution (bar: > {cfg.h1_share}).",
-                    n=share.n, split="test", k=k, n_components=total)
+    summary = (f"On {share.n} test pairs, the {k} of {total} heads + neurons chosen on train hold {fmt(share)} of "
+               f"the total |gradient x activation difference| (AtP) attribution (bar: > {cfg.h1_share}).")
+    if control is not None:
+        summary += f" A matched random set holds {fmt(control)}."
+    return measured("H1", "gradients", share, cfg, summary, n=share.n, split="test", k=k, n_components=total,
+                    control=None if control is None else {"name": "size- and layer-matched random heads + neurons",
+                                                          "estimate": control, "difference": None})
 
 
 # ----------------------------------------------------------------------------- H2
@@ -279,8 +296,8 @@ def h2_attention(det: Detection, b: Behaviour, cfg: RefusalConfig) -> Verdict:
                     f"and early minus later layers {fmt(eml)} (detection early if above 0).",
                     n=det.contrast.n, split="test", status=status, peak_layer=peak, early_layers=list(det.early),
                     at_peak=det.at_peak, n_val=det.contrast_val.n,
-                    control={"name": "harmless analogues' matched tokens",
-                             "estimate": None, "difference": det.at_peak})
+                    control={"name": "harmless analogues' attention to their matched tokens (at the val peak)",
+                             "estimate": det.control_at_peak, "difference": det.at_peak})
 
 
 def h2_direction(acc: Accumulation, b: Behaviour, cfg: RefusalConfig) -> Verdict:
@@ -313,7 +330,9 @@ def h2_patching(depth: stats.Estimate, b: Behaviour, cfg: RefusalConfig) -> Verd
     return measured("H2", "patching", depth, cfg,
                     f"On {depth.n} test pairs, the effect-weighted relative depth of the attention and MLP outputs' "
                     f"patching effects is {fmt(depth)} (0 = first layer, 1 = last; late if above 2/3).",
-                    n=depth.n, split="test")
+                    n=depth.n, split="test",
+                    control={"name": "none: a location statistic, held to the start of the last third",
+                             "estimate": None, "difference": None})
 
 
 # ----------------------------------------------------------------------------- H3
@@ -339,7 +358,9 @@ def h3_categories(cc: CrossCategory, b: Behaviour, cfg: RefusalConfig) -> list[V
                             f"On {own.n} {c} val + test prompts, other categories' top heads (each chosen on "
                             f"{min(cc.n_find.values())}+ train pairs) remove {fmt(ratio)} as much refusal as {c}'s "
                             f"own (own: {fmt(own)} of the gap; bar: > {cfg.h3_ratio}).",
-                            n=own.n, split="val + test", side=side, own=own))
+                            n=own.n, split="val + test", side=side, own=own,
+                            control={"name": f"{c}'s own top heads (the ratio's denominator)", "estimate": own,
+                                     "difference": None}))
     return out
 
 
@@ -347,9 +368,10 @@ def h3_direction(similarity: stats.Estimate, b: Behaviour, cfg: RefusalConfig) -
     if not b.present:
         return no_behaviour("H3", "direction", b, cfg)
     return measured("H3", "direction", similarity, cfg,
-                    f"Categories' harmful-minus-harmless activation directions (val + test pairs) have mean "
+                    f"Categories' harmful-minus-harmless activation directions (test pairs) have mean "
                     f"pairwise cosine {fmt(similarity)} (bar: > {cfg.h3_ratio}).", n=similarity.n,
-                    split="val + test")
+                    split="test", control={"name": "none: a similarity, held to the bar", "estimate": None,
+                                           "difference": None})
 
 
 def one_category(categories: tuple[str, ...], b: Behaviour, cfg: RefusalConfig) -> list[Verdict]:
@@ -389,6 +411,8 @@ def c1_heads(verified, b: Behaviour, cfg: RefusalConfig) -> Verdict:
                    statistic=claims.claim("C1").line("patching").statistic, heads_point=point, heads_ci_low=sure,
                    heads_ci_high=maybe, bar=bar, required=need, n=verified.n_pairs, split="test",
                    n_candidates=m, min_detectable_effect=mde, power=POWER, correction="holm over the candidates",
+                   control={"name": "none: each head's effect is held to the bar, Holm over the candidates",
+                            "estimate": None, "difference": None},
                    heads_clearing=[label(h) for h, r in zip(verified.components,
                                                              stats.holm(list(verified.p_above), alpha=cfg.alpha / 2).reject)
                                    if r])
@@ -405,4 +429,6 @@ def s1_gradients(rho: stats.Estimate, n_pairs: int, b: Behaviour, cfg: RefusalCo
     return measured("S1", "gradients", rho, cfg,
                     f"Spearman correlation of the heads' AtP attribution on train pairs with their exact patching "
                     f"effect on {n_pairs} test pairs, over the {rho.n} verified candidates: {fmt(rho)} (the seed's "
-                    f"cross-validation bar: r > {cfg.gradient_r}).", n=rho.n, split="test", n_pairs=n_pairs)
+                    f"cross-validation bar: r > {cfg.gradient_r}).", n=rho.n, split="test", n_pairs=n_pairs,
+                    control={"name": "none: an agreement between two instruments, held to the bar",
+                             "estimate": None, "difference": None})

@@ -114,6 +114,8 @@ class EffectShare:
 
     families: dict[str, dict[str, list]]  # family -> {"fraction", "count", "share" (Estimates)}
     parameters: dict[str, list]  # heads + neurons by parameter budget: {"fraction", "count", "share"}
+    controls: dict[str, stats.Estimate]  # random matched sets patched the same way, by name
+    differences: dict[str, stats.Estimate]  # the chosen set's share minus its control's (paired)
     n_pairs: int
     positions: int | None
     totals: dict[str, int]
@@ -124,31 +126,42 @@ class EffectShare:
 
 
 def joint_shares(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
-                 groups: Sequence[Sequence[Component]], salt: int = 2) -> tuple[list[stats.Estimate], PatchResult]:
-    """Each group patched together on ``pairs``: normalized effect with a paired bootstrap CI."""
+                 groups: Sequence[Sequence[Component]], salt: int = 2
+                 ) -> tuple[list[stats.Estimate], PatchResult, np.ndarray, np.ndarray]:
+    """Each group patched together on ``pairs``: normalized effect with a bootstrap CI over prompts.
+
+    Also returns (point values [group], replicates [group, B]): every group shares one
+    bootstrap draw of prompts, so differences between groups are paired."""
     res = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), [tuple(g) for g in groups],
                            patch_spec(handle, cfg))
     metric, base, source = (x.double().numpy() for x in (res.metric, res.base, res.source))
     idx = boot_index(base.size, cfg, salt=salt)
     b, s = base[idx].mean(-1), source[idx].mean(-1)
-    out = []
-    for row in metric:
-        with np.errstate(all="ignore"):
-            boot = (row[idx].mean(-1) - b) / (s - b)
-        value = (row.mean() - base.mean()) / (source.mean() - base.mean())
-        out.append(boot_estimate(value, boot, cfg, base.size))
-    return out, res
+    with np.errstate(all="ignore"):
+        boot = (metric[:, idx].mean(-1) - b) / (s - b)  # [group, B]
+        value = (metric.mean(-1) - base.mean()) / (source.mean() - base.mean())
+    return [boot_estimate(v, r, cfg, base.size) for v, r in zip(value, boot)], res, value, boot
 
 
 def effect_share(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig, pooled: PooledRanking,
-                 fractions: Sequence[float]) -> EffectShare:
-    """The curve for heads, neurons and both (by count), and for both by parameter budget, in one sweep."""
+                 fractions: Sequence[float], controls: dict[str, Sequence[Component]] | None = None,
+                 at: float | None = None) -> EffectShare:
+    """The curve for heads, neurons and both (by count), and for both by parameter budget, in one
+    sweep. Each of ``controls`` (a random set matched to "heads+neurons" or "parameters" at the
+    fraction ``at``) is patched the same way, and compared with that set, paired."""
     plan: list[tuple[str, float, tuple[Component, ...]]] = []
     for fam in ("heads", "neurons", "heads+neurons"):
         ranked = pooled.family(fam)
         plan += [(fam, f, ranked.top_fraction(f)) for f in fractions]
     plan += [("parameters", f, pooled.top_parameters(f)) for f in fractions]
-    shares, res = joint_shares(handle, pairs, tokens, cfg, [g for _, _, g in plan])
+    controls = dict(controls or {})
+    groups = [g for _, _, g in plan] + [tuple(c) for c in controls.values()]
+    shares, res, value, boot = joint_shares(handle, pairs, tokens, cfg, groups)
+    control_shares = dict(zip(controls, shares[len(plan):]))
+    differences = {}
+    for j, name in enumerate(controls, start=len(plan)):
+        i = next(k for k, (fam, f, _) in enumerate(plan) if fam == name and f == at)
+        differences[name] = boot_estimate(value[i] - value[j], boot[i] - boot[j], cfg, res.n_pairs)
     families: dict[str, dict[str, list]] = {}
     for (fam, f, group), share in zip(plan, shares):
         table = families.setdefault(fam, {"fraction": [], "count": [], "share": []})
@@ -159,8 +172,9 @@ def effect_share(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: Refu
     totals = {"heads": pooled.n_heads, "neurons": pooled.n_neurons,
               "parameters_heads": int(pooled.family("heads").parameters.sum()),
               "parameters_neurons": int(pooled.family("neurons").parameters.sum())}
-    return EffectShare(families=families, parameters=params, n_pairs=res.n_pairs, positions=res.positions,
-                       totals=totals)
+    return EffectShare(families=families, parameters=params, controls=control_shares, differences=differences,
+                       n_pairs=res.n_pairs,
+                       positions=res.positions, totals=totals)
 
 
 def held_share(test_scan: AtpScan, chosen: Sequence[Component], cfg: RefusalConfig) -> stats.Estimate:
@@ -174,14 +188,23 @@ def held_share(test_scan: AtpScan, chosen: Sequence[Component], cfg: RefusalConf
     cols = [c.layer * n_heads + c.head if isinstance(c, Head) else n_head_rows + c.layer * d_mlp + c.index
             for c in chosen]
 
-    def stat(idx: np.ndarray) -> np.ndarray:
-        mean = np.abs(scores[idx].mean(1))  # [B, component]
-        return mean[:, cols].sum(1) / mean.sum(1)
+    n = scores.shape[0]
 
-    value = float(stat(np.arange(scores.shape[0])[None])[0])
+    def stat(idx: np.ndarray) -> np.ndarray:  # idx [B, P] -> [B]
+        # each resample's prompt-mean as counts @ scores, in chunks of resamples: a [B, P, component]
+        # gather would not fit at 46k components
+        out = []
+        for chunk in np.array_split(idx, max(1, idx.shape[0] // 50)):
+            counts = np.zeros((chunk.shape[0], n))
+            np.add.at(counts, (np.arange(chunk.shape[0])[:, None], chunk), 1.0)
+            mean = np.abs(counts @ scores / n)  # [b, component]
+            out.append(mean[:, cols].sum(1) / mean.sum(1))
+        return np.concatenate(out)
+
+    value = float(stat(np.arange(n)[None])[0])
     with np.errstate(all="ignore"):
-        boot = stat(boot_index(scores.shape[0], cfg, salt=41))
-    return boot_estimate(value, boot, cfg, scores.shape[0])
+        boot = stat(boot_index(n, cfg, salt=41))
+    return boot_estimate(value, boot, cfg, n)
 
 
 def drop_difference(circuit: Condition, control: Condition, cfg: RefusalConfig, salt: int = 60) -> stats.Estimate:

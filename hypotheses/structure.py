@@ -82,6 +82,7 @@ class Detection:
     contrast_val: LayerProfile  # the same on val pairs (chooses the peak)
     peak_layer: int  # argmax of the val contrast
     at_peak: stats.Estimate  # the test contrast at the val peak
+    control_at_peak: stats.Estimate  # the control alone there
     early_minus_later: stats.Estimate
     early: tuple[int, ...]
 
@@ -113,9 +114,12 @@ def detection(harm_test: np.ndarray, control_test: np.ndarray, harm_val: np.ndar
         at_peak = boot_estimate(float(diff[:, peak].mean()) if diff.size else float("nan"),
                                 diff[idx][..., peak].mean(-1) if diff.size else np.full(cfg.n_bootstrap, np.nan),
                                 cfg, diff.shape[0])
+        control_at_peak = boot_estimate(float(c[:, peak].mean()) if c.size else float("nan"),
+                                        c[idx][..., peak].mean(-1) if c.size else np.full(cfg.n_bootstrap, np.nan),
+                                        cfg, c.shape[0])
     return Detection(harmful=layer_profile(h, cfg), control=layer_profile(c, cfg, salt=13),
                      contrast=layer_profile(diff, cfg, salt=16), contrast_val=contrast_val, peak_layer=peak,
-                     at_peak=at_peak, early_minus_later=eml, early=early)
+                     at_peak=at_peak, control_at_peak=control_at_peak, early_minus_later=eml, early=early)
 
 
 def keyword_mask(harmful_spans: Spans, harmless_spans: Spans) -> Bool[torch.Tensor, "batch pos"]:
@@ -321,11 +325,20 @@ def cross_category(handle, heads: dict[str, tuple[Head, ...]], evaluate: dict[st
     category's ablation also has its side effects measured (the one rule of every ablation line)."""
     categories = tuple(sorted(heads))
     bs = cfg.batch_size
-    base, gap = {}, {}
+    # every category's prompts in one list, scored in full batches; ``where[b]`` slices b's out
+    prompts = [p for b in categories for p in evaluate[b]]
+    where, start = {}, 0
     for b in categories:
-        base[b] = refusal_score(behavior.last_logits(handle, harmful(evaluate[b]), batch_size=bs), tokens).double().numpy()
-        benign = refusal_score(behavior.last_logits(handle, harmless(evaluate[b]), batch_size=bs), tokens).double()
-        gap[b] = float(base[b].mean() - benign.mean())
+        where[b] = slice(start, start + len(evaluate[b]))
+        start += len(evaluate[b])
+
+    def scores(side, hooks=()) -> np.ndarray:
+        logits = behavior.last_logits(handle, side(prompts), batch_size=bs, fwd_hooks=hooks)
+        return refusal_score(logits, tokens).double().numpy()
+
+    clean, benign = scores(harmful), scores(harmless)
+    base = {b: clean[where[b]] for b in categories}
+    gap = {b: float(clean[where[b]].mean() - benign[where[b]].mean()) for b in categories}
     per: dict[str, dict[str, np.ndarray]] = {}
     side: dict[str, tuple[float, float | None]] = {}
     for a in categories:
@@ -333,11 +346,9 @@ def cross_category(handle, heads: dict[str, tuple[Head, ...]], evaluate: dict[st
                                                                          positions=positions), reference=reference)
         if harmless_ref is not None:
             side[a] = side_effects(handle, hooks, harmless_ref, cfg)
-        per[a] = {}
-        for b in categories:
-            ablated = refusal_score(behavior.last_logits(handle, harmful(evaluate[b]), batch_size=bs,
-                                                         fwd_hooks=hooks), tokens).double().numpy()
-            per[a][b] = (base[b] - ablated) / gap[b] if gap[b] != 0 else np.full_like(ablated, np.nan)
+        ablated = scores(harmful, hooks)
+        per[a] = {b: (base[b] - ablated[where[b]]) / gap[b] if gap[b] != 0 else np.full(len(evaluate[b]), np.nan)
+                  for b in categories}
     return CrossCategory(categories=categories, heads=heads, per_prompt=per,
                          n_find=dict(n_find or {}), side_effects=side)
 

@@ -74,7 +74,7 @@ class Study:
     @property
     def fractions(self) -> tuple[float, ...]:
         """The effect-share curve's fractions of components, H1's bar among them."""
-        return tuple(sorted({0.01, 0.02, 0.1, 0.2, self.cfg.h1_fraction}))
+        return tuple(sorted({0.01, 0.2, self.cfg.h1_fraction}))
 
     # ------------------------------------------------------------------ the splits
     @stage
@@ -148,10 +148,9 @@ class Study:
         """Size- and layer-matched random sets, drawn before anything is scored."""
         seed = self.cfg.seed
         return {"h1": ev.matched_random_circuit(self.handle, self.h1_set, seed=seed + 200),
+                "h1_parameters": ev.matched_random_circuit(self.handle, self.h1_parameter_set, seed=seed + 204),
                 "circuit": ev.matched_random_circuit(self.handle, self.circuit, seed=seed + 201),
-                "heads": ev.matched_random_circuit(self.handle, self.ranking.top(self.cfg.top_heads), seed=seed + 202),
-                "neurons": ev.matched_random_circuit(self.handle, self.neurons.top(self.cfg.top_neurons),
-                                                     seed=seed + 203)}
+                "heads": ev.matched_random_circuit(self.handle, self.ranking.top(self.cfg.top_heads), seed=seed + 202)}
 
     @stage
     def category_heads(self) -> dict[str, tuple[Head, ...]]:
@@ -232,7 +231,9 @@ class Study:
     @stage
     def effect_share(self) -> loc.EffectShare:
         """The effect-share curve on test pairs: heads, neurons, both, and both by parameter budget."""
-        return loc.effect_share(self.handle, self.test_pairs, self.tokens, self.cfg, self.pooled, self.fractions)
+        controls = {"heads+neurons": self.controls["h1"], "parameters": self.controls["h1_parameters"]}
+        return loc.effect_share(self.handle, self.test_pairs, self.tokens, self.cfg, self.pooled, self.fractions,
+                                controls=controls, at=self.cfg.h1_fraction)
 
     @stage
     def test_atp(self) -> ev.AtpScan:
@@ -242,6 +243,11 @@ class Study:
     def gradient_share(self) -> stats.Estimate:
         """Share of the test pairs' |AtP| (heads + neurons) held by H1's components, chosen on train."""
         return loc.held_share(self.test_atp, self.h1_set, self.cfg)
+
+    @stage
+    def gradient_share_control(self) -> stats.Estimate:
+        """The same share held by H1's size- and layer-matched random set."""
+        return loc.held_share(self.test_atp, self.controls["h1"], self.cfg)
 
     @stage
     def harmless_reference(self) -> ev.HarmlessReference:
@@ -288,7 +294,7 @@ class Study:
     @stage
     def faithfulness(self) -> ev.Faithfulness:
         """The circuit (heads + neurons) alone on the test pairs, beside size-matched random circuits."""
-        return ev.faithfulness(self.handle, self.test_pairs, self.tokens, self.cfg, self.circuit)
+        return ev.faithfulness(self.handle, self.test_pairs, self.tokens, self.cfg, self.circuit, n_random=10)
 
     @stage
     def attention_flow(self) -> gradients.AttentionFlow:
@@ -387,13 +393,16 @@ class Study:
         share, total, n_train = self.effect_share, self.pooled.total, len(self.train_pairs)
         where = ev.positions_label(self.window)
         lines = [d.h1_patching("patching", share.at("heads+neurons", f), len(self.h1_set), total,
-                               f"the top {f:.0%} of heads + neurons by count", b, cfg, n_train=n_train, positions=where),
+                               f"the top {f:.0%} of heads + neurons by count", b, cfg, n_train=n_train, positions=where,
+                               control=share.controls["heads+neurons"], difference=share.differences["heads+neurons"]),
                  d.h1_patching("parameters", share.at("parameters", f), len(self.h1_parameter_set), total,
                                f"the top heads + neurons within {f:.0%} of their parameters", b, cfg,
-                               n_train=n_train, positions=where),
+                               n_train=n_train, positions=where, control=share.controls["parameters"],
+                               difference=share.differences["parameters"]),
                  d.h1_ablation(self.h1_ablation, self.h1_control,
                                loc.drop_difference(self.h1_ablation, self.h1_control, cfg), b, cfg),
-                 d.h1_gradients(self.gradient_share, len(self.h1_set), total, b, cfg)]
+                 d.h1_gradients(self.gradient_share, len(self.h1_set), total, b, cfg,
+                                control=self.gradient_share_control)]
         lines = d.finish("H1", lines, cfg)
         return lines + [d.overall("H1", lines, cfg)]
 

@@ -50,19 +50,16 @@ def conditions(subject, study) -> list[Condition]:
     """Each circuit condition beside its size- and layer-matched random control (the study's, drawn
     before anything was scored); those the verdicts rest on are the study's own stages."""
     cfg = study.cfg
-    heads, neurons = study.ranking.top(cfg.top_heads), study.neurons.top(cfg.top_neurons)
+    heads = study.ranking.top(cfg.top_heads)
     direction = study.refusal_direction
     rng = np.random.default_rng(cfg.seed)
     noise = torch.from_numpy(rng.standard_normal(subject.d_model))
     random_direction = Direction(layer=direction.layer, vector=tuple((noise / noise.norm()).tolist()))
     top_heads = study.ablate(f"top {len(heads)} heads", heads)
-    top_neurons = study.ablate(f"top {len(neurons)} neurons", neurons)
+    # the neurons alone are left out for the CPU budget: the circuit row holds them with the heads
     return [top_heads,
             study.ablate(f"random {len(heads)} heads", study.controls["heads"], kind="control",
                          control_of=top_heads.name),
-            top_neurons,
-            study.ablate(f"random {len(neurons)} neurons", study.controls["neurons"], kind="control",
-                         control_of=top_neurons.name),
             study.circuit_ablation, study.circuit_control,  # what C2 is decided on
             study.h1_ablation, study.h1_control,  # what H1's ablation line is decided on
             study.direction_ablation,  # shared with phase 5.2's bypass test

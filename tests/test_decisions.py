@@ -331,3 +331,13 @@ def test_a_direction_that_fails_selection_leaves_its_lines_inconclusive():
         assert why in v.summary and v.numbers["reason"] == why
         gated = d.no_direction(claim, "direction", why, behaviour(False), CFG)
         assert gated.status == "inconclusive" and "No refusal behaviour" in gated.summary
+
+
+def test_h1_patching_must_beat_its_matched_random_set():
+    b = behaviour(True)
+    good = d.h1_patching("patching", est(0.9, 0.85, 0.95), 3, 64, "x", b, CFG, n_train=64,
+                         control=est(0.1, 0.05, 0.15), difference=est(0.8, 0.7, 0.9))
+    assert good.status == "supported" and good.numbers["control"]["estimate"]["value"] == 0.1
+    as_good = d.h1_patching("patching", est(0.9, 0.85, 0.95), 3, 64, "x", b, CFG, n_train=64,
+                            control=est(0.88, 0.8, 0.95), difference=est(0.02, -0.05, 0.09))
+    assert as_good.status == "inconclusive" and "does not beat the random one" in as_good.summary
