@@ -111,6 +111,12 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def _control(name: str, rule: str, estimate: stats.Estimate | None = None,
+             difference: stats.Estimate | None = None, **extra: Any) -> dict[str, Any]:
+    """A line's control, and the rule by which it enters the line's decision ("none": it has none)."""
+    return {"name": name, "rule": rule, "estimate": estimate, "difference": difference, **extra}
+
+
 def side_effect(kl: float | None, ce: float | None, cfg: RefusalConfig) -> dict[str, Any]:
     """The one side-effect rule of every ablation line: on harmless prompts, next-token KL and the
     rise in the clean answers' cross-entropy both at most their limits (Arditi et al. 2024's 0.1 nats)."""
@@ -155,8 +161,8 @@ def finish(claim: str, lines: list[Verdict], cfg: RefusalConfig) -> list[Verdict
             continue
         adjusted = stats.holm([out[i].numbers[key] for i in have], alpha=cfg.alpha).p_adjusted
         for i, p in zip(have, adjusted):
-            out[i] = replace(out[i], numbers={**out[i].numbers, adj: float(p), "correction": claims.claim(claim).correction,
-                                              "family_size": len(have)})
+            out[i] = replace(out[i], numbers={**out[i].numbers, adj: float(p), "family_size": len(have),
+                                              "correction": claims.claim(claim).correction})
     for i, v in enumerate(out):
         p = v.numbers.get("p_below_holm")
         if v.status == "refuted" and p is not None and p >= cfg.alpha / 2:
@@ -231,8 +237,9 @@ def h1_patching(evidence: str, share: stats.Estimate, k: int, total: int, what: 
             summary += " The chosen set does not beat the random one: inconclusive."
             status = "inconclusive"
     return measured("H1", evidence, share, cfg, summary, n=share.n, split="test", status=status,
-                    control=None if control is None else {"name": "size- and layer-matched random heads + neurons",
-                                                          "estimate": control, "difference": difference},
+                    control=None if control is None else _control(
+                        "size- and layer-matched random heads + neurons",
+                        "the share must also beat it (difference CI above 0)", control, difference),
                     k=k, n_components=total, positions=positions, n_train=n_train)
 
 
@@ -253,7 +260,7 @@ def _ablation_line(claim: str, bar: float, cond: Condition, control: Condition, 
                f"a size- and layer-matched random set drops it by {fmt(control.relative_drop)}. The difference, "
                f"{fmt(diff)}, is held to the bar (> {bar}).")
     return measured(claim, "ablation", diff, cfg, summary, n=diff.n, split="test", side=side,
-                    control={"name": control.name, "estimate": control.relative_drop, "difference": diff},
+                    control=_control(control.name, "the difference is held to the bar", control.relative_drop, diff),
                     drop=cond.relative_drop, mcnemar_p=cond.mcnemar.p_value, k=k,
                     kl_harmless=cond.kl_harmless, max_kl=cfg.max_kl)
 
@@ -272,8 +279,8 @@ def h1_gradients(share: stats.Estimate, k: int, total: int, b: Behaviour, cfg: R
     if control is not None:
         summary += f" A matched random set holds {fmt(control)}."
     return measured("H1", "gradients", share, cfg, summary, n=share.n, split="test", k=k, n_components=total,
-                    control=None if control is None else {"name": "size- and layer-matched random heads + neurons",
-                                                          "estimate": control, "difference": None})
+                    control=None if control is None else _control(
+                        "size- and layer-matched random heads + neurons", "shown beside the share", control))
 
 
 # ----------------------------------------------------------------------------- H2
@@ -296,8 +303,8 @@ def h2_attention(det: Detection, b: Behaviour, cfg: RefusalConfig) -> Verdict:
                     f"and early minus later layers {fmt(eml)} (detection early if above 0).",
                     n=det.contrast.n, split="test", status=status, peak_layer=peak, early_layers=list(det.early),
                     at_peak=det.at_peak, n_val=det.contrast_val.n,
-                    control={"name": "harmless analogues' attention to their matched tokens (at the val peak)",
-                             "estimate": det.control_at_peak, "difference": det.at_peak})
+                    control=_control("harmless analogues' attention to their matched tokens (at the val peak)",
+                                     "the statistic is the contrast with it", det.control_at_peak, det.at_peak))
 
 
 def h2_direction(acc: Accumulation, b: Behaviour, cfg: RefusalConfig) -> Verdict:
@@ -320,7 +327,8 @@ def h2_direction(acc: Accumulation, b: Behaviour, cfg: RefusalConfig) -> Verdict
                     f"{rand.size} random directions reach it (must be < {cfg.alpha}).",
                     n=t.n, split="test", status=status, slopes=dict(sl), p_random=acc.p_random,
                     middle_layers=list(acc.layers),
-                    control={"name": "random directions", "estimate": r_est, "p": acc.p_random})
+                    control=_control("random directions", "the statistic must beat them (p < alpha)", r_est,
+                                     p=acc.p_random))
 
 
 def h2_patching(depth: stats.Estimate, b: Behaviour, cfg: RefusalConfig) -> Verdict:
@@ -331,8 +339,7 @@ def h2_patching(depth: stats.Estimate, b: Behaviour, cfg: RefusalConfig) -> Verd
                     f"On {depth.n} test pairs, the effect-weighted relative depth of the attention and MLP outputs' "
                     f"patching effects is {fmt(depth)} (0 = first layer, 1 = last; late if above 2/3).",
                     n=depth.n, split="test",
-                    control={"name": "none: a location statistic, held to the start of the last third",
-                             "estimate": None, "difference": None})
+                    control=_control("none: a location statistic, held to the start of the last third", "none"))
 
 
 # ----------------------------------------------------------------------------- H3
@@ -359,8 +366,8 @@ def h3_categories(cc: CrossCategory, b: Behaviour, cfg: RefusalConfig) -> list[V
                             f"{min(cc.n_find.values())}+ train pairs) remove {fmt(ratio)} as much refusal as {c}'s "
                             f"own (own: {fmt(own)} of the gap; bar: > {cfg.h3_ratio}).",
                             n=own.n, split="val + test", side=side, own=own,
-                            control={"name": f"{c}'s own top heads (the ratio's denominator)", "estimate": own,
-                                     "difference": None}))
+                            control=_control(f"{c}'s own top heads (the ratio's denominator)",
+                                             "the ratio is taken over it", own)))
     return out
 
 
@@ -370,8 +377,7 @@ def h3_direction(similarity: stats.Estimate, b: Behaviour, cfg: RefusalConfig) -
     return measured("H3", "direction", similarity, cfg,
                     f"Categories' harmful-minus-harmless activation directions (test pairs) have mean "
                     f"pairwise cosine {fmt(similarity)} (bar: > {cfg.h3_ratio}).", n=similarity.n,
-                    split="test", control={"name": "none: a similarity, held to the bar", "estimate": None,
-                                           "difference": None})
+                    split="test", control=_control("none: a similarity, held to the bar", "none"))
 
 
 def one_category(categories: tuple[str, ...], b: Behaviour, cfg: RefusalConfig) -> list[Verdict]:
@@ -392,7 +398,8 @@ def c1_heads(verified, b: Behaviour, cfg: RefusalConfig) -> Verdict:
         return no_behaviour("C1", "patching", b, cfg)
     bar, need, m = cfg.head_effect, cfg.min_heads, len(verified.components)
     # one-sided at alpha / 2: the level of the two-sided CIs every other line is decided on
-    sure = sum(stats.holm(list(verified.p_above), alpha=cfg.alpha / 2).reject)
+    clears = stats.holm(list(verified.p_above), alpha=cfg.alpha / 2).reject
+    sure = sum(clears)
     surely_below = sum(stats.holm(list(verified.p_below), alpha=cfg.alpha / 2).reject)
     maybe = m - surely_below
     point = int((verified.effect > bar).sum())
@@ -411,11 +418,8 @@ def c1_heads(verified, b: Behaviour, cfg: RefusalConfig) -> Verdict:
                    statistic=claims.claim("C1").line("patching").statistic, heads_point=point, heads_ci_low=sure,
                    heads_ci_high=maybe, bar=bar, required=need, n=verified.n_pairs, split="test",
                    n_candidates=m, min_detectable_effect=mde, power=POWER, correction="holm over the candidates",
-                   control={"name": "none: each head's effect is held to the bar, Holm over the candidates",
-                            "estimate": None, "difference": None},
-                   heads_clearing=[label(h) for h, r in zip(verified.components,
-                                                             stats.holm(list(verified.p_above), alpha=cfg.alpha / 2).reject)
-                                   if r])
+                   control=_control("none: each head's effect is held to the bar, Holm over the candidates", "none"),
+                   heads_clearing=[label(h) for h, r in zip(verified.components, clears) if r])
 
 
 def c2_ablation(cond: Condition, control: Condition, diff: stats.Estimate, b: Behaviour,
@@ -430,5 +434,4 @@ def s1_gradients(rho: stats.Estimate, n_pairs: int, b: Behaviour, cfg: RefusalCo
                     f"Spearman correlation of the heads' AtP attribution on train pairs with their exact patching "
                     f"effect on {n_pairs} test pairs, over the {rho.n} verified candidates: {fmt(rho)} (the seed's "
                     f"cross-validation bar: r > {cfg.gradient_r}).", n=rho.n, split="test", n_pairs=n_pairs,
-                    control={"name": "none: an agreement between two instruments, held to the bar",
-                             "estimate": None, "difference": None})
+                    control=_control("none: an agreement between two instruments, held to the bar", "none"))

@@ -41,6 +41,21 @@ def _bar(numbers: Mapping[str, Any]) -> str:
     return f"bar {fmt.number(numbers['bar'])} (supported {side} it)"
 
 
+def _control(numbers: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The line's control, if it has one (a recorded "none" rule means it has none)."""
+    control = numbers.get("control")
+    return control if isinstance(control, Mapping) and control.get("rule", "") != "none" else None
+
+
+def _on_difference(numbers: Mapping[str, Any]) -> bool:
+    """Whether the bar is held to the line minus its control (older runs: whenever a difference is recorded)."""
+    control = _control(numbers)
+    if control is None or control.get("difference") is None:
+        return False
+    rule = control.get("rule")
+    return rule is None or "held to the bar" in str(rule)
+
+
 def _own(numbers: Mapping[str, Any], control: Mapping[str, Any]) -> Any:
     """The line's own value beside its control's: its estimate, unless that is the difference itself
     (then the ablation's own ``drop``, when recorded)."""
@@ -52,13 +67,14 @@ def _own(numbers: Mapping[str, Any], control: Mapping[str, Any]) -> Any:
 
 def measure(numbers: Mapping[str, Any]) -> str | None:
     """``0.42 [95% CI 0.2, 0.61] vs random 0.05 [...] → difference 0.37 [...]; bar 0.6 (supported above it)``."""
-    control = numbers.get("control")
-    if isinstance(control, Mapping):
+    control = _control(numbers)
+    if control is not None:
         own = _own(numbers, control)
         name = control.get("name") or "the control"
-        head = (f"{_est(own)} vs {name} {_est(control.get('estimate'))} → difference" if own is not None
-                else f"{name} {_est(control.get('estimate'))}; line minus control")
-        return f"{head} {_est(control.get('difference'))}; {_bar(numbers)}"
+        versus = f" vs {name} {_est(control.get('estimate'))}" if control.get("estimate") is not None else f" vs {name}"
+        diff = f" → difference {_est(control.get('difference'))}" if control.get("difference") is not None else ""
+        rule = f" ({control['rule']})" if control.get("rule") else ""
+        return f"{_est(own) if own is not None else 'estimate not recorded'}{versus}{diff}{rule}; {_bar(numbers)}"
     if numbers.get("estimate") is None and numbers.get("bar") is None:
         return None
     text = _est(numbers.get("estimate")) if numbers.get("estimate") is not None else "estimate not recorded"
@@ -114,11 +130,11 @@ def p_values(numbers: Mapping[str, Any]) -> str | None:
 def brief(line: VerdictLine, ctx: RunContext) -> str:
     """A line in the verdict table: status, the estimate the bar is held to, n and what it detects."""
     numbers = line.numbers
-    control = numbers.get("control")
-    decided = control.get("difference") if isinstance(control, Mapping) else numbers.get("estimate")
+    on_diff = _on_difference(numbers)
+    decided = numbers["control"].get("difference") if on_diff else numbers.get("estimate")
     if decided is None and numbers.get("n") is None:  # an older line: its own sentence is all there is
         return f"{line.evidence} {word(line.status)}: {strip_status(line.summary, line.claim)}"
-    what = "difference from the control " if isinstance(control, Mapping) else ""
+    what = "difference from the control " if on_diff else ""
     parts = [f"{what}{_est(decided)}" if decided is not None else "", _bar(numbers) if "bar" in numbers else "",
              sample(numbers) or ""]
     se = numbers.get("side_effect")

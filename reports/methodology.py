@@ -106,16 +106,20 @@ def _scoring(ctx: RunContext) -> Paragraph | None:
 
 
 def _controls(ctx: RunContext) -> Paragraph | None:
-    lines = [line for line in _lines(ctx) if isinstance(line.numbers.get("control"), Mapping)]
+    """Each line's control and the rule by which it enters the decision, as the line recorded them."""
+    lines = [line for line in _lines(ctx) if isinstance(line.numbers.get("control"), Mapping)
+             and line.numbers["control"].get("rule", "") != "none"]
     if not lines:
         return None
-    named = ", ".join(f"{line.claim} {line.evidence} (against {line.numbers['control'].get('name') or 'its control'})"
-                      for line in lines)
-    text = (" A line with a control is held to its bar on the difference between its estimate and the control's, "
-            f"not on its estimate alone: {named}.")
+    by_rule: dict[str, list] = {}
+    for line in lines:
+        by_rule.setdefault(str(line.numbers["control"].get("rule") or "shown beside the estimate"), []).append(line)
+    parts = [f"{_named(members)} (against {members[0].numbers['control'].get('name') or 'a control'}): {rule}"
+             for rule, members in by_rule.items()]
+    text = " Each line's control and how it enters the decision: " + "; ".join(parts) + "."
     acc = ctx.numbers("h2/accumulation")
     if acc.get("random") is not None:
-        text += (f" The accumulation statistic must also beat {len(acc['random'])} random directions "
+        text += (f" The accumulation statistic is compared with {len(acc['random'])} random directions "
                  f"({fmt.p_value(acc.get('p_random'))} that a random direction does as well).")
     return para(Span(text="Controls decide.", strong=True), text)
 
