@@ -111,11 +111,12 @@ def _controls(ctx: RunContext) -> Paragraph | None:
              and line.numbers["control"].get("rule", "") != "none"]
     if not lines:
         return None
-    by_rule: dict[str, list] = {}
+    by_rule: dict[tuple[str, str], list] = {}
     for line in lines:
-        by_rule.setdefault(str(line.numbers["control"].get("rule") or "shown beside the estimate"), []).append(line)
-    parts = [f"{_named(members)} (against {members[0].numbers['control'].get('name') or 'a control'}): {rule}"
-             for rule, members in by_rule.items()]
+        control = line.numbers["control"]
+        key = (str(control.get("name") or "a control"), str(control.get("rule") or "shown beside the estimate"))
+        by_rule.setdefault(key, []).append(line)
+    parts = [f"{_named(members)} (against {name}): {rule}" for (name, rule), members in by_rule.items()]
     text = " Each line's control and how it enters the decision: " + "; ".join(parts) + "."
     acc = ctx.numbers("h2/accumulation")
     if acc.get("random") is not None:

@@ -261,7 +261,9 @@ def _line_numbers(claim: claim_table.Claim, line: claim_table.Line, evidence: st
                "control": None, "side_effect": None, "p_value": 0.03, "p_below": 0.97, "p_holm": 0.06,
                "p_below_holm": 0.97, "correction": claim.correction, "preregistration": prereg}
     if line.control:
-        numbers["control"] = {"name": line.control, "estimate": _est(0.05, 0.04, n), "difference": _est(0.37, 0.13, n)}
+        rule = "the difference is held to the bar" if evidence == "ablation" else "the statistic must beat it"
+        numbers["control"] = {"name": line.control, "estimate": _est(0.05, 0.04, n), "difference": _est(0.37, 0.13, n),
+                              "rule": rule}
     if evidence == "ablation" or line.per_category:
         numbers["side_effect"] = {"kl_harmless": 0.04, "answer_ce_increase": 0.02, "max_kl": config.get("max_kl"),
                                   "max_ce": config.get("max_ce", config.get("max_kl")), "ok": True}

@@ -92,7 +92,8 @@ def test_each_line_shows_n_power_bar_control_and_side_effect(rendered):
     h1 = section(md, "#### H1: ")
     ablation = next(x for x in h1.splitlines() if x.startswith("- **ablation**"))
     assert ("— INCONCLUSIVE: 0.42 [95% CI 0.3, 0.54] vs matched random heads + neurons 0.05 [95% CI 0.01, 0.09] "
-            "→ difference 0.37 [95% CI 0.24, 0.5]; bar 0.6 (supported above it).") in ablation
+            "→ difference 0.37 [95% CI 0.24, 0.5] (the difference is held to the bar); bar 0.6 (supported above it).") \
+        in ablation
     assert "n = 40 (test) detects a true value ≥ 0.75 with 80% power." in ablation
     assert "Side effect on harmless prompts: KL 0.04 nats, CE +0.02 nats (limit 0.1 / 0.1): within the limit." \
         in ablation
@@ -258,7 +259,8 @@ def test_methodology_describes_the_method_recorded(rendered):
     assert "test: H1 patching, H1 parameters, H1 ablation, H1 gradients, H2 attention" in method
     assert "val + test: H3 weapons, H3 cyber, H3 &lt;fraud&gt;." in method
     assert "(80% power, from the line's measured standard error)" in method
-    assert "H1 ablation (against matched random heads + neurons)" in method
+    assert "ablation (against matched random heads + neurons): the difference is held to the bar" in method
+    assert "H2 direction (against random directions): the statistic must beat it" in method
     assert "at most 0.1 nats and the answer cross-entropy at most 0.1 nats" in method
     assert "intersection-union test" in method and "C1: holm over the verified heads" in method
     assert "Holm-adjusted one-sided p-value is below alpha / 2 = 0.025" in method
@@ -287,5 +289,8 @@ def test_a_line_whose_estimate_is_its_difference_shows_its_own_drop():
     assert text == ("0.42 [95% CI 0.2, 0.61] vs random 0.05 [95% CI 0, 0.1] → difference 0.37 [95% CI 0.15, 0.58]; "
                     "bar 0.6 (supported above it)")
     assert measure({"estimate": diff, "bar": 0.6, "control": control}).startswith(
-        "random 0.05 [95% CI 0, 0.1]; line minus control 0.37")
+        "estimate not recorded vs random 0.05 [95% CI 0, 0.1] → difference 0.37")
+    # a recorded "none" rule means the line has no control
+    assert measure({"estimate": drop, "bar": 0.6, "control": {"name": "none: x", "rule": "none"}}) == \
+        "0.42 [95% CI 0.2, 0.61]; bar 0.6 (supported above it)"
     assert measure({}) is None
