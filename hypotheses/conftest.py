@@ -155,3 +155,20 @@ def _dataset_in_manifest(recorder, dataset):
     """Every research run records which prompts it used (path, hash, split sizes) in its manifest."""
     recorder.note(dataset={"path": str(dataset.path), "sha256": dataset.sha256, "sizes": dataset.sizes(),
                            "categories": list(dataset.categories)})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _preregistration_in_every_run(recorder, refusal_config, dataset):
+    """A run that decided no verdict (its study never scored a test pair) still writes the bars and
+    rules it would have been held to, with no selection, so every run has a preregistration.json."""
+    yield
+    if (recorder.run_dir / "preregistration.json").is_file():
+        return
+    from fixtures.recording import write_preregistration
+    from hypotheses.preregistration import undecided
+
+    model = recorder.manifest.get("model") or {}
+    sizes = {split: len(dataset.split(split)) for split in ("train", "val", "test")}
+    rec = undecided(refusal_config, sizes, {"alias": str(model.get("alias", "")),
+                                            "weights_sha256": str(model.get("weights_sha256", ""))})
+    recorder.note(preregistration=write_preregistration(recorder.run_dir, rec, stable_hash("preregistration", rec)))

@@ -25,8 +25,16 @@ def _components(comps) -> dict[str, Any]:
             "sha256": stable_hash("components", [label(c) for c in comps])}
 
 
-def record(study) -> dict[str, Any]:
-    cfg, data = study.cfg, study.data
+def undecided(cfg, sizes: dict[str, int], model: dict[str, str]) -> dict[str, Any]:
+    """The record of a run that decided no verdict (e.g. ``-m "phase1 or phase2"``): its bars and
+    rules, and no selection, so that every run states what it would have been held to."""
+    out = _rules(cfg)
+    out |= {"splits": dict(sizes), "model": dict(model), "selected": None,
+            "note": "this run decided no verdict: nothing was selected and no test pair was scored for a hypothesis"}
+    return out
+
+
+def _rules(cfg) -> dict[str, Any]:
     lines = []
     for claim in claims.CLAIMS:
         for ln in claim.lines:
@@ -34,7 +42,7 @@ def record(study) -> dict[str, Any]:
                           "statistic": ln.statistic, "bar": None if ln.bar is None else float(ln.bar(cfg)),
                           "side": ln.side, "control": ln.control, "result": ln.result,
                           "correction": claim.correction, "decided_by": "study" if claim.in_study else "its own test"})
-    out: dict[str, Any] = {
+    return {
         "claims": [{"id": c.id, "kind": c.kind, "title": c.title(cfg)} for c in claims.CLAIMS],
         "lines": lines,
         "rules": {"alpha": cfg.alpha, "ci": f"{1 - cfg.alpha:.0%} two-sided bootstrap", "power_for_mde": POWER,
@@ -46,6 +54,13 @@ def record(study) -> dict[str, Any]:
                  if f.name in ("h1_fraction", "h1_share", "h1_drop", "h3_ratio", "head_effect", "min_heads",
                                "ablation_drop", "gradient_r", "max_kl", "max_ce", "alpha", "direction_kl",
                                "direction_induce", "direction_prune")},
+    }
+
+
+def record(study) -> dict[str, Any]:
+    cfg, data = study.cfg, study.data
+    out = _rules(cfg)
+    out |= {
         "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test),
                    "ranking_pairs": len(study.train_pairs), "sweep_pairs": min(cfg.sweep_pairs, len(study.train_pairs)),
                    "neuron_pairs": min(cfg.neuron_pairs, len(study.train_pairs)), "depth_pairs": cfg.depth_pairs,

@@ -51,6 +51,10 @@ def _promise(ctx: RunContext) -> str:
     path = _path(ctx)
     check = {True: f" ({path} reproduces this hash)", False: "",
              None: f" ({path} is missing or unreadable here, so the hash cannot be checked)"}[reproduces(ctx)]
+    rec = record(ctx)
+    if rec is not None and "selected" in rec and rec["selected"] is None:  # nothing was selected in this run
+        return (f": the bars, alpha, corrections and split sizes were written to {path} and hashed{check}; no "
+                f"component was selected ({rec.get('note') or 'no note recorded'}).")
     return (f": the bars, alpha, corrections, split sizes and selected components were written to {path} and "
             f"hashed before any stage scored a test pair{check}.")
 

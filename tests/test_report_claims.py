@@ -294,3 +294,20 @@ def test_a_line_whose_estimate_is_its_difference_shows_its_own_drop():
     assert measure({"estimate": drop, "bar": 0.6, "control": {"name": "none: x", "rule": "none"}}) == \
         "0.42 [95% CI 0.2, 0.61]; bar 0.6 (supported above it)"
     assert measure({}) is None
+
+
+def test_a_run_that_selected_nothing_says_so(tmp_path):
+    """A run that decided no verdict pre-registers its bars with no selection, and the report says which."""
+    import json as _json
+
+    from fixtures.recording import write_preregistration
+    from fixtures.storage import stable_hash
+
+    run = build_run(tmp_path, verdicts={"H1": "inconclusive"})
+    rec = {"bars": {"h1_share": 0.8}, "selected": None, "note": "this run decided no verdict"}
+    note = write_preregistration(run, rec, stable_hash("preregistration", rec))
+    manifest = _json.loads((run / "manifest.json").read_text())
+    manifest["preregistration"] = note
+    (run / "manifest.json").write_text(_json.dumps(manifest))
+    _, md = render(run)
+    assert "no component was selected (this run decided no verdict)" in md and "selected components were" not in md

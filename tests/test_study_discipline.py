@@ -108,3 +108,14 @@ def test_non_default_bars_reach_every_title_and_line(spied):
     assert "25%" in by[("C2", "ablation")].numbers["title"] and by[("C2", "ablation")].numbers["bar"] == 0.25
     assert "r > 0.6" in by[("S1", "gradients")].numbers["title"]
     assert not any("fewer than 5%" in v.numbers["title"] or "than 80%" in v.numbers["title"] for v in other.verdicts)
+
+
+def test_a_run_that_decides_nothing_preregisters_its_bars_and_no_selection(spied):
+    from hypotheses.preregistration import record, undecided
+
+    study, _, events, _ = spied
+    rec = undecided(study.cfg, {"train": 1, "val": 1, "test": 1}, {"alias": "tiny", "weights_sha256": "x"})
+    decided = events[0][1]
+    assert rec["selected"] is None and "decided no verdict" in rec["note"]
+    assert rec["lines"] == decided["lines"] and rec["rules"] == decided["rules"] and rec["bars"] == decided["bars"]
+    assert record(study) == decided  # the record is a function of the study: the same on a rerun
