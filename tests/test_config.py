@@ -344,3 +344,18 @@ def test_a_test_that_leaves_torch_threads_changed_fails(pytester):
     result = pytester.runpytest_inprocess("-p", "fixtures.plugin", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3, errors=1)
     assert "test_leaks left torch with" in result.stdout.str() and "one_torch_thread" in result.stdout.str()
+
+
+def test_a_run_with_skips_and_no_failures_finishes(tmp_path):
+    """On a model other than the organism the organism's bar tests skip; the run still finishes
+    (``fixtures/plugin.py``: only failures and errors fail a run), and it pre-registers its bars."""
+    import json
+
+    run_dir = tmp_path / "run"
+    result = _Run("hypotheses", "--model", "tiny", "-m", "phase1 or phase2", "--run-dir", str(run_dir),
+                  "-q").result(timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert " skipped" in result.stdout and " failed" not in result.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished", manifest["status"]
+    assert json.loads((run_dir / "preregistration.json").read_text())["record"]["selected"] is None
