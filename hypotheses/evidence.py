@@ -299,6 +299,19 @@ def atp_scan(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalC
                    neurons_per_prompt=atp.neurons, n_pairs=len(pairs))
 
 
+def verify(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
+           components: Sequence[Component], atp: np.ndarray, salt: int = 4) -> Ranking:
+    """Exact patching of each component alone on ``pairs``, ranked by its normalized effect, with CIs."""
+    res = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), list(components),
+                           patch_spec(handle, cfg))
+    value, lo, hi = normalized_with_ci(res.metric.double().numpy(), res.base.double().numpy(),
+                                       res.source.double().numpy(), cfg, salt=salt)
+    order = np.argsort(-value, kind="stable")
+    return Ranking(components=tuple(components[i] for i in order), effect=value[order], ci_low=lo[order],
+                   ci_high=hi[order], atp=np.asarray(atp, dtype=np.float64)[order], positions=res.positions,
+                   n_pairs=res.n_pairs)
+
+
 def rank_neurons(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig, scan: AtpScan,
                  k: int | None = None) -> Ranking:
     """The AtP top-k neurons (by |estimate|), each verified by exact patching, ranked by exact effect."""
@@ -307,14 +320,7 @@ def rank_neurons(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: Refu
     d_mlp = scan.neurons.shape[1]
     top = torch.topk(flat.abs(), min(k, flat.numel())).indices.tolist()
     neurons = [Neuron(layer=i // d_mlp, index=i % d_mlp) for i in top]
-    exact = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), neurons,
-                             patch_spec(handle, cfg))
-    value, lo, hi = normalized_with_ci(exact.metric.double().numpy(), exact.base.double().numpy(),
-                                       exact.source.double().numpy(), cfg, salt=1)
-    atp = flat[top].double().numpy()
-    order = np.argsort(-value, kind="stable")
-    return Ranking(components=tuple(neurons[i] for i in order), effect=value[order], ci_low=lo[order],
-                   ci_high=hi[order], atp=atp[order], positions=exact.positions, n_pairs=exact.n_pairs)
+    return verify(handle, pairs, tokens, cfg, neurons, flat[top].double().numpy(), salt=1)
 
 
 # ----------------------------------------------------------------------------- ablation

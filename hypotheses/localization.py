@@ -17,8 +17,8 @@ from jaxtyping import Float
 
 from fixtures.config import RefusalConfig
 from fixtures.data import Pair
-from hypotheses.evidence import (AtpScan, Condition, Ranking, boot_estimate, boot_index, harmful, harmless,
-                                 metric_for, normalized_with_ci, patch_spec)
+from hypotheses.evidence import (AtpScan, Condition, boot_estimate, boot_index, harmful, harmless, metric_for,
+                                 patch_spec)
 from instruments import stats
 from instruments.components import Component, Head, Neuron
 from instruments.metrics import RefusalTokens
@@ -33,19 +33,6 @@ def atp_candidates(scan: AtpScan, n: int) -> tuple[Head, ...]:
     n_heads = scan.heads.shape[1]
     top = torch.topk(flat, min(n, flat.numel())).indices.tolist()
     return tuple(Head(layer=i // n_heads, head=i % n_heads) for i in top)
-
-
-def verify(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
-           components: Sequence[Component], atp: np.ndarray, salt: int = 4) -> Ranking:
-    """Exact patching of each component alone on ``pairs``, ranked by its normalized effect, with CIs."""
-    res = patch_components(handle, harmful(pairs), harmless(pairs), metric_for(tokens), list(components),
-                           patch_spec(handle, cfg))
-    value, lo, hi = normalized_with_ci(res.metric.double().numpy(), res.base.double().numpy(),
-                                       res.source.double().numpy(), cfg, salt=salt)
-    order = np.argsort(-value, kind="stable")
-    return Ranking(components=tuple(components[i] for i in order), effect=value[order], ci_low=lo[order],
-                   ci_high=hi[order], atp=np.asarray(atp, dtype=np.float64)[order], positions=res.positions,
-                   n_pairs=res.n_pairs)
 
 
 def parameters_of(handle, c: Component) -> int:

@@ -117,7 +117,7 @@ class Study:
     def ranking(self) -> ev.Ranking:
         """The AtP candidates verified by exact patching on the train pairs, by exact effect (AtP*)."""
         atp = [float(self.atp.heads[h.layer, h.head]) for h in self.candidates]
-        return loc.verify(self.handle, self.train_pairs, self.tokens, self.cfg, self.candidates, np.asarray(atp))
+        return ev.verify(self.handle, self.train_pairs, self.tokens, self.cfg, self.candidates, np.asarray(atp))
 
     @stage
     def neurons(self) -> ev.Ranking:
