@@ -95,7 +95,8 @@ CLAIMS: tuple[Claim, ...] = (
                    "the refusal direction in the middle third minus the larger of the early and late thirds' slopes",
                    bar=lambda c: 0.0, result="h2/accumulation", control="random directions"),
               Line(evidence="patching", statistic="effect-weighted relative depth of attention and MLP outputs' "
-                   "patching effects on test pairs", bar=lambda c: 2 / 3, result="phase3/layer_patching"),
+                   "direct effects on the refusal score (their path to the logits alone) on test pairs",
+                   bar=lambda c: 2 / 3, result="h2/direct_effects"),
           )),
     Claim(id="H3", kind="hypothesis",
           title=lambda c: "Shared substrate: the same components serve every harm category",
@@ -109,8 +110,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(id="C1", kind="criterion", combined=False, correction="holm over the verified heads",
           title=lambda c: (f"At least {_get(c, 'min_heads', 10)} heads have a normalized causal effect above "
                            f"{_pct(_get(c, 'head_effect', .1))}"),
-          lines=(Line(evidence="patching", statistic="heads (AtP candidates from train) whose exact effect on test "
-                      "pairs clears the bar after Holm's correction over the candidates",
+          lines=(Line(evidence="patching", statistic="heads nominated on train (AtP's top heads and the exact sweep's) "
+                      "whose exact effect on test pairs clears the bar after Holm's correction over the candidates",
                       bar=lambda c: _get(c, "min_heads", 10), result="phase3/heads"),)),
     Claim(id="C2", kind="criterion", combined=False, correction="none",
           title=lambda c: f"Ablating the circuit cuts the refusal rate by more than {_pct(_get(c, 'ablation_drop', .3))}",
@@ -125,7 +126,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(id="S1", kind="stretch", combined=False, correction="none",
           title=lambda c: f"Gradient attribution agrees with patching (rank correlation r > {_get(c, 'gradient_r', .7)})",
           lines=(Line(evidence="gradients", statistic="Spearman correlation of AtP on train with exact patching on "
-                      "test pairs, over the verified candidate heads", bar=lambda c: _get(c, "gradient_r", .7),
+                      "test pairs, over the candidate heads (nominated by AtP and by the exact sweep)", bar=lambda c: _get(c, "gradient_r", .7),
                       result="phase4/gradients"),)),
 )
 

@@ -332,12 +332,13 @@ def h2_direction(acc: Accumulation, b: Behaviour, cfg: RefusalConfig) -> Verdict
 
 
 def h2_patching(depth: stats.Estimate, b: Behaviour, cfg: RefusalConfig) -> Verdict:
-    """Execution late: the attention and MLP outputs' causal effects sit in the last third."""
+    """Execution late: the attention and MLP outputs' direct effects on the refusal score sit in the last third."""
     if not b.present:
         return no_behaviour("H2", "patching", b, cfg)
     return measured("H2", "patching", depth, cfg,
                     f"On {depth.n} test pairs, the effect-weighted relative depth of the attention and MLP outputs' "
-                    f"patching effects is {fmt(depth)} (0 = first layer, 1 = last; late if above 2/3).",
+                    f"direct effects on the refusal score (each block's path to the logits alone) is {fmt(depth)} "
+                    f"(0 = first layer, 1 = last; late if above 2/3).",
                     n=depth.n, split="test",
                     control=_control("none: a location statistic, held to the start of the last third", "none"))
 

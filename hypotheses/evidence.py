@@ -291,12 +291,23 @@ class AtpScan:
     n_pairs: int = 0
 
 
-def atp_scan(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
-             direction: str = "denoising") -> AtpScan:
-    atp = attribution_patch(handle, harmful(pairs), harmless(pairs), metric_for(tokens),
-                            patch_spec(handle, cfg, direction=direction), neurons=True)
-    return AtpScan(heads=atp.normalized(atp.heads), neurons=atp.normalized(atp.neurons), heads_per_prompt=atp.heads,
-                   neurons_per_prompt=atp.neurons, n_pairs=len(pairs))
+def atp_scan(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig) -> AtpScan:
+    """Every head's and neuron's AtP estimate of its denoising effect, per ``cfg.atp_rule``.
+
+    ``trapezoid`` averages the linearizations at both ends of the patch: the denoising
+    estimate (gradient at the harmless run) and minus the noising one (gradient at the
+    harmful run) - a two-point integrated gradient (Hanna et al. 2024's EAP-IG). A unit
+    that is off and flat at the harmless run (a threshold) is invisible to the base
+    gradient alone; the validation card's ``threshold`` design is that case.
+    """
+    args = (handle, harmful(pairs), harmless(pairs), metric_for(tokens))
+    atp = attribution_patch(*args, patch_spec(handle, cfg, direction="denoising"), neurons=True)
+    heads, neurons = atp.heads, atp.neurons
+    if cfg.atp_rule == "trapezoid":
+        back = attribution_patch(*args, patch_spec(handle, cfg, direction="noising"), neurons=True)
+        heads, neurons = (heads - back.heads) / 2, (neurons - back.neurons) / 2
+    return AtpScan(heads=atp.normalized(heads), neurons=atp.normalized(neurons), heads_per_prompt=heads,
+                   neurons_per_prompt=neurons, n_pairs=len(pairs))
 
 
 def verify(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,
@@ -475,11 +486,22 @@ def matched_random_circuit(handle, circuit: Sequence[Component], *, seed: int) -
                                else Neuron(layer=c.layer, index=int(rng.integers(handle.d_mlp))))
             if pick not in taken:
                 break
-        else:  # the layer is the circuit's: any layer will do
-            pick = Head(layer=int(rng.integers(handle.n_layers)), head=int(rng.integers(handle.n_heads)))
+        else:  # the circuit holds (nearly) all of this layer: the nearest layer with a free one of its kind
+            pick = _nearest_free(handle, c, taken, rng)
         taken.add(pick)
         out.append(pick)
     return tuple(out)
+
+
+def _nearest_free(handle, c: Component, taken: set, rng: np.random.Generator) -> Component:
+    size = handle.n_heads if isinstance(c, Head) else handle.d_mlp
+    make = (lambda layer, i: Head(layer=layer, head=i)) if isinstance(c, Head) else (
+        lambda layer, i: Neuron(layer=layer, index=i))
+    for layer in sorted(range(handle.n_layers), key=lambda x: (abs(x - c.layer), x)):
+        free = [make(layer, i) for i in range(size) if make(layer, i) not in taken]
+        if free:
+            return free[int(rng.integers(len(free)))]
+    raise ValueError(f"no {type(c).__name__.lower()} is left outside the circuit to draw a matched random one from")
 
 
 def faithfulness(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig,

@@ -49,7 +49,9 @@ def _rules(cfg) -> dict[str, Any]:
                   "supported": "every line's CI above its bar (intersection-union test)",
                   "refuted": "a line's CI below its bar and its Holm-adjusted one-sided p-value below alpha / 2",
                   "side_effects": {"max_kl": cfg.max_kl, "max_ce": cfg.max_ce},
-                  "controls": "ablation lines decide on circuit minus size- and layer-matched random set"},
+                  "controls": "ablation lines decide on circuit minus size- and layer-matched random set",
+                  "attribution": f"AtP, {cfg.atp_rule} rule; candidates: AtP's top {cfg.head_candidates} heads and "
+                                 f"the exact sweep's top {cfg.min_heads}"},
         "bars": {f.name: getattr(cfg, f.name) for f in cfg.fields()
                  if f.name in ("h1_fraction", "h1_share", "h1_drop", "h3_ratio", "head_effect", "min_heads",
                                "ablation_drop", "gradient_r", "max_kl", "max_ce", "alpha", "direction_kl",

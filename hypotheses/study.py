@@ -96,7 +96,8 @@ class Study:
     # ------------------------------------------------------------------ choosing (train, val)
     @stage
     def exact_heads(self) -> PatchResult:
-        """Every head patched exactly on the first ``sweep_pairs`` train pairs: descriptive (the heat map)."""
+        """Every head patched exactly on the first ``sweep_pairs`` train pairs: the heat map, and the heads
+        it ranks first join AtP's candidates (:meth:`candidates`)."""
         pairs = self.train_pairs[: self.cfg.sweep_pairs]
         # The sweeper calls fn once per layer (checkpointed); the two unpatched runs are shared.
         runs = functools.cache(lambda: ev.head_runs(self.handle, pairs, self.cfg))
@@ -111,7 +112,17 @@ class Study:
 
     @stage
     def candidates(self) -> tuple[Head, ...]:
-        return loc.atp_candidates(self.atp, self.cfg.head_candidates)
+        """AtP's top heads, then the exact sweep's top ``min_heads`` that AtP left out.
+
+        Both instruments nominate (on train): a head AtP misses (a unit flat at both ends of
+        the patch; the validation card's ``step`` design) still reaches C1 and S1, which
+        would otherwise only ever see the heads AtP chose.
+        """
+        atp = loc.atp_candidates(self.atp, self.cfg.head_candidates)
+        exact = self.exact_heads.normalized
+        order = torch.argsort(exact.reshape(-1), descending=True, stable=True)[: self.cfg.min_heads].tolist()
+        swept = tuple(Head(layer=i // self.handle.n_heads, head=i % self.handle.n_heads) for i in order)
+        return atp + tuple(h for h in swept if h not in atp)
 
     @stage
     def ranking(self) -> ev.Ranking:
@@ -355,19 +366,23 @@ class Study:
         return balanced(self.test_pairs, self.cfg.depth_pairs)
 
     @stage
-    def block_patching(self) -> tuple[PatchResult, PatchResult]:
-        """Attention and MLP outputs of every layer, patched one at a time (denoising, test pairs)."""
-        from instruments.patching import patch_attn_out, patch_mlp_out
+    def block_direct(self) -> tuple[PatchResult, PatchResult]:
+        """Attention and MLP outputs' direct effects on the refusal score, every layer (denoising, test pairs).
+
+        Execution is where refusal is written into the output: a block's direct path to the
+        logits (Wang et al. 2022), not its total effect, which every upstream bottleneck
+        (a detector, an accumulator) shares in full.
+        """
+        from instruments.direct import direct_effects
 
         pairs = self.depth_pairs
-        args = (self.handle, ev.harmful(pairs), ev.harmless(pairs), ev.metric_for(self.tokens),
-                ev.patch_spec(self.handle, self.cfg))
-        return patch_attn_out(*args), patch_mlp_out(*args)
+        return direct_effects(self.handle, ev.harmful(pairs), ev.harmless(pairs), ev.metric_for(self.tokens),
+                              ev.patch_spec(self.handle, self.cfg))
 
     @stage
     def depth(self) -> stats.Estimate:
-        """Where the causal effects sit: attention *and* MLP outputs pooled per layer (execution may be either)."""
-        return st.effect_depth(self.block_patching, self.cfg, n_layers=self.handle.n_layers)
+        """Where the direct effects sit: attention *and* MLP outputs pooled per layer (execution may be either)."""
+        return st.effect_depth(self.block_direct, self.cfg, n_layers=self.handle.n_layers)
 
     @stage
     def cross_category(self) -> st.CrossCategory:

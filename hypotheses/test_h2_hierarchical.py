@@ -12,8 +12,9 @@ Evidence needed (layers split into thirds; every line scored on TEST pairs):
 - direction: the paired harmful-minus-harmless projection onto the refusal direction,
   normalized by the residual norm, rises faster in the middle third than in the early
   and late thirds (CI above 0), more than along random directions;
-- patching: the attention and MLP outputs' causal effects sit late (effect-weighted
-  relative depth, CI above 2/3).
+- patching: the attention and MLP outputs' direct effects on the refusal score (each
+  block's path to the logits alone, Wang et al. 2022) sit late (effect-weighted relative
+  depth, CI above 2/3).
 
 Falsified by: keyword contrast larger later than early, a middle third that rises more
 slowly than another third, or effects concentrated before the last third.
@@ -64,6 +65,21 @@ def test_h2_accumulation(study, recorder):
         arrays={"mean": torch.as_tensor(acc.difference.mean).float(),
                 "ci_low": torch.as_tensor(acc.difference.ci_low).float(),
                 "ci_high": torch.as_tensor(acc.difference.ci_high).float()})
+
+
+def test_h2_direct_effects(study, recorder):
+    """Execution: each block's direct effect, with its identity (the base run plus nothing is the base)."""
+    import torch
+
+    attn, mlp = study.block_direct
+    for res in (attn, mlp):
+        assert torch.isfinite(res.metric).all(), f"{res.kind}: non-finite direct effect"
+        assert res.layers == tuple(range(study.handle.n_layers))
+    depth = study.depth
+    recorder.save("h2/direct_effects", numbers={
+        "depth": depth.to_dict(), "n_pairs": attn.n_pairs, "direction": attn.direction,
+        "positions": "last position (the logits' direct path)", "metric": "refusal score (log-odds)"},
+        arrays={"attn_out": attn.normalized.float(), "mlp_out": mlp.normalized.float()})
 
 
 @pytest.mark.parametrize("evidence", claims.claim("H2").evidence())

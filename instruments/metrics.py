@@ -97,11 +97,16 @@ def compliance_prob(logits: Float[torch.Tensor, "*batch vocab"], tokens: Refusal
 
 
 def refusal_score(logits: Float[torch.Tensor, "*batch vocab"], tokens: RefusalTokens) -> Float[torch.Tensor, "*batch"]:
-    """log p / (1 - p) with p the summed probability of the refusal tokens."""
-    log_p = refusal_logprob(logits, tokens)
-    # log(1 - p) computed stably from log p (log1p(-exp(x)) loses precision near p = 1)
-    log_not_p = torch.where(log_p > -0.693, torch.log(-torch.expm1(log_p)), torch.log1p(-log_p.exp()))
-    return log_p - log_not_p
+    """log p / (1 - p) with p the summed probability of the refusal tokens.
+
+    Computed as logsumexp(refusal logits) - logsumexp(every other logit), which is exact and
+    finite however sure the model is (log(1 - p) from p is -inf once p rounds to 1).
+    """
+    logits = logits.float()
+    refusal = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    refusal[list(tokens.refusal_ids)] = True
+    return (torch.logsumexp(logits[..., refusal], dim=-1)
+            - torch.logsumexp(logits.masked_fill(refusal, float("-inf")), dim=-1))
 
 
 def logit_diff(logits: Float[torch.Tensor, "*batch vocab"], tokens: RefusalTokens) -> Float[torch.Tensor, "*batch"]:

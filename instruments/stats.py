@@ -279,15 +279,22 @@ def paired_permutation_test(x: PairedItems, y: PairedItems, *, n_perm: int = 100
 
 # ----------------------------------------------------------------------------- proportions, McNemar
 
-def proportion_ci(k: int, n: int, alpha: float = 0.05) -> Estimate:
-    """k successes of n with the Wilson score interval (good coverage even at 0/n and n/n)."""
+def proportion_ci(k: int, n: int, alpha: float = 0.05, *, method: str = "wilson") -> Estimate:
+    """k successes of n with the Wilson score interval (good coverage even at 0/n and n/n).
+
+    ``method="beta"`` gives the exact Clopper-Pearson interval, never below its nominal
+    coverage: what a false-positive rate is bounded with.
+    """
     from statsmodels.stats.proportion import proportion_confint
 
     _require("proportion_ci", int(n), 1, "trials")
     if not 0 <= k <= n:
         raise ValueError(f"proportion_ci: need 0 <= k <= n, got k={k}, n={n}")
-    low, high = proportion_confint(int(k), int(n), alpha=alpha, method="wilson")
-    return _estimate(k / n, low, high, method="wilson", n=int(n), alpha=alpha)
+    if method not in ("wilson", "beta"):
+        raise ValueError(f"proportion_ci: method must be 'wilson' or 'beta' (Clopper-Pearson), got {method!r}")
+    low, high = proportion_confint(int(k), int(n), alpha=alpha, method=method)
+    return _estimate(k / n, float(low), float(high), method="clopper-pearson" if method == "beta" else method,
+                     n=int(n), alpha=alpha)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,9 @@
 Everything comes from the given directory (its manifest.json and results/), read through
 ``fixtures.recording.Recorder.load`` so the format is exactly what the phases wrote. A
 result that is absent or unreadable is listed as missing, never looked up elsewhere: a
-figure from another run would be a silent lie about this one.
+figure from another run would be a silent lie about this one. The one input from elsewhere
+is the suite's validation card (reports/validation_card.py), which describes the instruments,
+not a run, and is named as such in the report.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fixtures.recording import Record, Recorder
 from fixtures.storage import stable_hash
 from hypotheses import claims as claim_table
 from hypotheses.verdicts import combine
+from reports.validation_card import CardRead, read_card
 
 # Every result the report knows how to show (reports/SCHEMA.md), in reading order.
 KNOWN_RESULTS: tuple[str, ...] = (
@@ -24,7 +27,7 @@ KNOWN_RESULTS: tuple[str, ...] = (
     "phase3/layer_patching", "phase3/heads", "phase3/attention_patterns", "phase3/neurons", "h1/effect_share",
     "phase4/ablation", "phase4/gradients",
     "phase5/circuit", "phase5/direction", "phase5/activation_scatter",
-    "h2/keyword_attention", "h2/accumulation", "h3/cross_category", "organism/card",
+    "h2/keyword_attention", "h2/accumulation", "h2/direct_effects", "h3/cross_category", "organism/card",
 )
 CLAIM_ORDER: tuple[str, ...] = claim_table.CLAIM_ORDER
 # Claims shown even when unrecorded (as NOT EVALUATED); a stretch goal appears only once recorded.
@@ -91,6 +94,8 @@ class RunContext:
     unreadable: Mapping[str, str]  # result name -> why it could not be read
     claims: tuple[ClaimRow, ...]
     extra_results: tuple[str, ...] = field(default=())  # recorded names the report does not show
+    # the suite's validation card: about the instruments, so the one input from outside the run directory
+    validation: CardRead = field(default_factory=read_card)
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -216,7 +221,9 @@ def run_key(manifest: Mapping[str, Any], run_dir: Path) -> str:
                        config.get("seed"))[:24]
 
 
-def load_run(run_dir: Path | str) -> RunContext:
+def load_run(run_dir: Path | str, *, validation_card: Path | str | None = None) -> RunContext:
+    """The run at ``run_dir``, with the validation card at ``validation_card`` (default: see
+    ``reports.validation_card.resolve``)."""
     run_dir = Path(run_dir).resolve()
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -242,4 +249,5 @@ def load_run(run_dir: Path | str) -> RunContext:
     categories = tuple(str(c) for c in (cross.numbers.get("categories") or ())) if cross is not None else ()
     return RunContext(run_dir=run_dir, run_key=run_key(manifest, run_dir), manifest=manifest, results=results,
                       missing=missing, unreadable=unreadable,
-                      claims=claim_rows(lines, manifest.get("config") or {}, categories), extra_results=extra)
+                      claims=claim_rows(lines, manifest.get("config") or {}, categories), extra_results=extra,
+                      validation=read_card(validation_card))

@@ -1,22 +1,26 @@
-"""H1 and H2 evidence in the report: the effect-share curve and the accumulation profile.
+"""H1 and H2 evidence in the report: the effect-share curve, the accumulation profile, the direct effects.
 
 ``h1/effect_share``: the share of the refusal-score gap restored on test pairs by patching the
 top fraction of components together, per family and by parameter count, against H1's bar.
 ``h2/accumulation``: the normalized harmful - harmless projection onto the refusal direction
 by layer, whose middle third must rise faster than the early and late thirds.
+``h2/direct_effects``: each layer's attention and MLP output's direct effect on the refusal
+score (its path to the logits alone), whose effect-weighted relative depth must lie late.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
+from hypotheses import claims as claim_table
 from reports import fmt
 from reports.context import RunContext
 from reports.document import Block, Figure, missing, para, spans, table
-from reports.plots import HARMFUL, HARMLESS, NEUTRAL, band, layout, to_div, to_numpy
+from reports.plots import HARMFUL, HARMLESS, NEUTRAL, band, finite_list, layout, to_div, to_numpy
 
 FAMILY_COLORS = {"heads": HARMFUL, "neurons": HARMLESS, "heads+neurons": NEUTRAL}
 PARAMETER_COLOR = "#7d3c98"
@@ -155,4 +159,72 @@ def accumulation(ctx: RunContext) -> list[Block]:
                "the H2 direction line compares.")
     blocks.append(Figure(dom_id="fig-accumulation", title="Accumulation (H2)", html=to_div(fig, "fig-accumulation"),
                          source=fig, caption=spans(caption)))
+    return blocks
+
+
+def as_fraction(x: float | None) -> str:
+    """A bar that is a simple fraction in its own words (``2/3``), any other as a number."""
+    if x is None:
+        return "n/a"
+    near = Fraction(x).limit_denominator(12)
+    return f"{near.numerator}/{near.denominator}" if near.denominator > 1 and abs(float(near) - x) < 1e-9 \
+        else fmt.number(x)
+
+
+def _largest(values: np.ndarray) -> str:
+    """``layer 5 (0.41)``: where a block's direct effect is largest."""
+    if not np.isfinite(values).any():
+        return "n/a"
+    i = int(np.nanargmax(values))
+    return f"layer {i} ({fmt.number(float(values[i]))})"
+
+
+def _direct_sentence(nums: Mapping[str, Any], bar: float | None) -> str:
+    base, source = ("the harmless analogue", "the harmful prompt") if nums.get("direction") != "noising" \
+        else ("the harmful prompt", "the harmless analogue")
+    return (f"Each layer's attention and MLP output's direct effect on the {nums.get('metric') or 'refusal score'}: "
+            f"{source}'s block output minus {base}'s, added at the {nums.get('positions') or 'last position'} to "
+            f"{base}'s final residual stream and read through the final norm and unembedding alone "
+            f"({nums.get('direction') or 'recorded direction'}, {fmt.number(nums.get('n_pairs'))} test pairs; "
+            f"0 = {base}'s score, 1 = {source}'s: the whole gap). The effect-weighted relative depth (0 = first "
+            f"layer, 1 = last; each layer weighted by its attention and MLP outputs' direct effects, clipped at 0) "
+            f"is {fmt.estimate(nums.get('depth'))}; H2's patching line needs it above {as_fraction(bar)}.")
+
+
+def direct_effects(ctx: RunContext) -> list[Block]:
+    name = "h2/direct_effects"
+    if (gone := _absent(ctx, name)) is not None:
+        return gone
+    rec = ctx.get(name)
+    nums = rec.numbers
+    bar = fmt.finite(claim_table.claim("H2").bar_of("patching", ctx.config))
+    blocks: list[Block] = [para(_direct_sentence(nums, bar))]
+    if not {"attn_out", "mlp_out"} <= set(rec.arrays):
+        return blocks + [missing(name, "arrays attn_out/mlp_out absent")]
+    attn, mlp = to_numpy(rec.arrays["attn_out"]), to_numpy(rec.arrays["mlp_out"])
+    n_layers = max(attn.shape[0], mlp.shape[0])
+    blocks.append(para(f"Largest direct effect: attention at {_largest(attn)}, MLP at {_largest(mlp)}."))
+    fig = go.Figure()
+    for label, values, color in (("attention output", attn, HARMFUL), ("MLP output", mlp, HARMLESS)):
+        fig.add_trace(go.Bar(x=list(range(values.shape[0])), y=finite_list(values), name=label,
+                             marker={"color": color}, opacity=0.85))
+    span = max(1, n_layers - 1)  # relative depth d sits at layer d * (n_layers - 1)
+    if bar is not None:
+        fig.add_vrect(x0=bar * span, x1=n_layers - 0.5, fillcolor="#e8daef", opacity=0.5, line_width=0, layer="below",
+                      annotation_text=f"late: relative depth > {as_fraction(bar)}", annotation_position="top left")
+    value, low, high = fmt.bounds(nums.get("depth"))
+    if low is not None and high is not None:
+        fig.add_vrect(x0=low * span, x1=high * span, fillcolor=NEUTRAL, opacity=0.2, line_width=0, layer="below")
+    if value is not None:
+        fig.add_vline(x=value * span, line={"dash": "dash", "color": "#333"},
+                      annotation_text=f"depth {fmt.number(value)}", annotation_position="bottom right")
+    layout(fig, title="Direct effects on the refusal score by layer (normalized)", barmode="group",
+           xaxis={"title": "layer"}, yaxis={"title": "direct effect (0 = base, 1 = the whole gap)"})
+    caption = (f"Bars: the normalized direct effect of the score averaged over {fmt.number(nums.get('n_pairs'))} test "
+               f"pairs. Dashed line "
+               f"and grey band: the effect-weighted relative depth {fmt.estimate(nums.get('depth'))} and its CI (a "
+               f"relative depth d sits at layer {span}d); shaded: the late layers, relative depth above H2's bar of "
+               f"{as_fraction(bar)}.")
+    blocks.append(Figure(dom_id="fig-direct-effects", title="Direct effects (H2)",
+                         html=to_div(fig, "fig-direct-effects"), source=fig, caption=spans(caption)))
     return blocks

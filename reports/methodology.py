@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from hypotheses import claims as claim_table
-from reports import fmt, preregistration
+from reports import fmt, preregistration, validation_card
 from reports.context import RunContext, VerdictLine
 from reports.document import Block, Paragraph, Section, Span, para
+from reports.fig_evidence import as_fraction
 
 
 def _lines(ctx: RunContext) -> list[VerdictLine]:
@@ -186,6 +187,30 @@ def _h1_grain(ctx: RunContext) -> Paragraph | None:
                 "count (the parameters line: the top components holding that fraction of the parameters).")
 
 
+def _execution(ctx: RunContext) -> Paragraph | None:
+    """H2's patching line as this run measured it: direct effects, from the h2/direct_effects record."""
+    rec = ctx.numbers("h2/direct_effects")
+    if not rec:
+        return None
+    bar = claim_table.claim("H2").bar_of("patching", ctx.config)
+    denoising = rec.get("direction") != "noising"
+    base, source = ("harmless analogue", "harmful prompt") if denoising else ("harmful prompt", "harmless analogue")
+    return para(Span(text="Direct effects (H2's execution line).", strong=True), " Execution is where refusal is "
+                "written into the output, so H2's patching line measures each layer's attention and MLP output's "
+                "direct effect on the refusal score, its path to the logits alone (path patching to the logits, Wang "
+                "et al. 2022; direct logit attribution, Elhage et al. 2021), not its total effect, which every "
+                "upstream bottleneck shares. The logits are read at the last position, so only there has a block a "
+                f"direct path (recorded: {rec.get('positions') or 'n/a'}): the block's output on the {source} minus "
+                f"its output on the {base} is added to the {base}'s final residual stream and read through the "
+                f"model's own final norm and unembedding, every other component keeping its value on the {base}; "
+                "what the block causes through later components is left out. "
+                f"{'Denoising' if denoising else 'Noising'} on {fmt.number(rec.get('n_pairs'))} test pairs, metric "
+                f"{rec.get('metric') or 'refusal score'}, normalized as above. The line's statistic is the "
+                "effect-weighted relative depth (0 = first layer, 1 = last): each layer's attention and MLP direct "
+                "effects, clipped at 0, pooled as its weight, with a bootstrap CI over the pairs; execution is late "
+                f"when the CI lies above H2's bar of {as_fraction(bar)}.")
+
+
 def _completeness_bar(ctx: RunContext) -> str:
     bar = ((ctx.numbers("phase4/gradients").get("ig") or {}).get("completeness_error") or {}).get("bar")
     return f"within {fmt.share(bar)}" if bar is not None else "within its recorded bar"
@@ -206,7 +231,7 @@ def methodology(ctx: RunContext) -> Section:
              "runs the clean prompt with the corrupted activation: is the component necessary? The normalized effect "
              "is (patched - base) / (source - base): 0 is the unpatched base run, 1 the full source run, in either "
              f"direction. {_positions_sentence(ctx)}"),
-        _ranking(ctx), _h1_grain(ctx),
+        _ranking(ctx), _h1_grain(ctx), _execution(ctx),
         para(Span(text="Ablation.", strong=True), f" {_ablation_sentence(ctx)} Each circuit ablation is paired "
              "with a control ablating as many random components of the same kind. Refusal rates before and after "
              "are compared with McNemar's test on the same prompts, and p-values are Holm-corrected across "
@@ -225,4 +250,17 @@ def methodology(ctx: RunContext) -> Section:
              f"confidence intervals (bootstrap BCa with {c.get('n_bootstrap', 'n/a')} resamples unless stated); "
              f"seed {c.get('seed', 'n/a')}. Verdicts are decided on interval bounds, never on point estimates."),
     ]
-    return Section(dom_id="methodology", title="Methodology", blocks=tuple(b for b in blocks if b is not None))
+    return Section(dom_id="methodology", title="Methodology", blocks=tuple(b for b in blocks if b is not None),
+                   children=(_validation(ctx),))
+
+
+def _validation(ctx: RunContext) -> Section:
+    """The suite's validation card: how often its verdicts were wrong where the truth was planted."""
+    provenance = ctx.manifest.get("provenance")
+    version = provenance.get("code_version") if isinstance(provenance, Mapping) else None
+    try:
+        blocks = validation_card.blocks(ctx.validation, code_version=version)
+    except Exception as err:  # a card that parses but will not format must not take the report down
+        blocks = [para(f"The validation card {validation_card.shown_path(ctx.validation.path)} could not be shown "
+                       f"({type(err).__name__}: {err}): run ./suite validate to write it again.", css="warning")]
+    return Section(dom_id="validation-card", title="Validation card", blocks=tuple(blocks), level=3)

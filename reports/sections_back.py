@@ -19,9 +19,11 @@ IMPLICATION = {
     ("H1", "refuted"): "Refusal is not concentrated in a small set of components at the bar we set: it is spread "
                        "across the network, so component-level audits will see only part of it.",
     ("H1", "inconclusive"): "Whether refusal is localized remains open: the intervals straddle the bar.",
-    ("H2", "supported"): "Harm is detected before refusal is decided: the two stages occupy different depths.",
-    ("H2", "refuted"): "We find no separation into a detection stage followed by a decision stage.",
-    ("H2", "inconclusive"): "The staging of detection and decision could not be resolved with these intervals.",
+    ("H2", "supported"): "Refusal runs in stages: harm is detected early, the refusal signal builds up in the "
+                         "middle layers and late components write the refusal.",
+    ("H2", "refuted"): "We find no separation into early detection, middle accumulation and late execution.",
+    ("H2", "inconclusive"): "The staging of detection, accumulation and execution could not be resolved with these "
+                            "intervals.",
     ("H3", "supported"): "The categories share one refusal substrate: ablating one category's heads also removes "
                          "refusal of the others.",
     ("H3", "refuted"): "Refusal is category-specific: ablating one category's heads leaves the others' refusal largely "

@@ -217,6 +217,10 @@ def build_run(root: Path, *, model: str = "tiny", verdicts: Mapping[str, str] | 
     acc = np.linspace(0, 1, n_layers) ** 2 * 0.6
     save("h2/accumulation", numbers=_accumulation(n_layers), arrays={
         "mean": t(acc), "ci_low": t(acc - 0.1), "ci_high": t(acc + 0.1)})
+    attn_direct, mlp_direct = (rng.uniform(-0.05, 0.1, n_layers) + np.linspace(0, 1, n_layers) ** 3 * peak
+                               for peak in (0.2, 0.5))
+    save("h2/direct_effects", numbers=_direct_effects(attn_direct, mlp_direct),
+         arrays={"attn_out": t(attn_direct), "mlp_out": t(mlp_direct)})
     for claim_id, state in verdicts.items():
         for evidence, numbers in _claim_lines(claim_id, config, prereg):
             line = Verdict(claim=claim_id, status=state, evidence=evidence,
@@ -304,3 +308,11 @@ def _accumulation(n_layers: int) -> dict:
                        "late": _est(0.05, 0.04, TEST_PAIRS)},
             "statistic": _est(0.15, 0.06, TEST_PAIRS), "random": [0.01, -0.02, 0.03, 0.0, 0.02],
             "p_random": 0.004, "n_pairs": TEST_PAIRS, "position": -1, "layer": n_layers // 2}
+
+
+def _direct_effects(attn: np.ndarray, mlp: np.ndarray) -> dict:
+    """The numbers of h2/direct_effects, its depth weighted as hypotheses.structure.effect_depth weighs it."""
+    weights = np.clip(attn, 0, None) + np.clip(mlp, 0, None)
+    depth = float((weights * np.linspace(0, 1, attn.size)).sum() / weights.sum())
+    return {"depth": _est(depth, 0.05, TEST_PAIRS), "n_pairs": TEST_PAIRS, "direction": "denoising",
+            "positions": "last position (the logits' direct path)", "metric": "refusal score (log-odds)"}

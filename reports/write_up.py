@@ -39,9 +39,11 @@ RESULT_GROUPS: tuple[tuple[str, str, str, tuple[tuple[str, str, Builder], ...]],
          ("phase5/activation_scatter", "Activation scatter (3D)", fig_mechanism.activation_scatter))),
     ("gradients", "Gradient attribution", "Whether gradients agree with causal patching.", (
         ("phase4/gradients", "Gradients versus patching", fig_verification.gradients),)),
-    ("stages", "Stages (H2)", "Whether harm is detected early, before refusal is decided.", (
+    ("stages", "Stages (H2)", "Whether harm is detected early, the refusal signal accumulates in the middle, and "
+     "refusal is written into the output late.", (
         ("h2/keyword_attention", "Attention to harm keywords", fig_behavior.keyword_attention),
-        ("h2/accumulation", "Accumulation along the refusal direction", fig_evidence.accumulation))),
+        ("h2/accumulation", "Accumulation along the refusal direction", fig_evidence.accumulation),
+        ("h2/direct_effects", "Direct effects on the refusal score (execution)", fig_evidence.direct_effects))),
     ("categories", "Harm categories (H3)", "Whether the categories share one substrate.", (
         ("h3/cross_category", "Cross-category ablation matrix", fig_verification.cross_category),)),
 )

@@ -221,6 +221,20 @@ def test_random_controls_match_count_and_layers_and_exclude_the_circuit():
     assert [(type(c), c.layer) for c in ctrl] == [(type(c), c.layer) for c in circuit]
 
 
+def test_random_controls_never_overlap_a_circuit_that_fills_its_layer():
+    """A circuit holding most heads of a layer: the control draws from the nearest layer with a free
+    head, never a circuit member and never one twice (the validation card's early-band design found
+    a control that held a planted head)."""
+    from types import SimpleNamespace
+
+    handle = SimpleNamespace(n_layers=4, n_heads=4, d_mlp=8)
+    circuit = tuple(Head(layer=1, head=h) for h in range(4)) + (Head(layer=2, head=0),)
+    for seed in range(20):
+        ctrl = ev.matched_random_circuit(handle, circuit, seed=seed)
+        assert not set(ctrl) & set(circuit) and len(set(ctrl)) == len(circuit)
+        assert all(isinstance(c, Head) and abs(c.layer - 1) <= 1 for c in ctrl[:4])
+
+
 def test_bar_p_value_and_holm():
     above = d.bar_p_value(est(0.9, 0.85, 0.95), 0.8)
     below = d.bar_p_value(est(0.5, 0.4, 0.6), 0.8)

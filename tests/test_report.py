@@ -115,6 +115,7 @@ def test_every_figure_is_drawn_from_its_result(complete):
     body = page.split("<body>", 1)[1]
     assert result.missing == () and "missing: " not in body and 'class="missing"' not in body
     for dom_id in ("fig-layer-patching", "fig-head-ranking", "fig-head-heatmap", "fig-logit-lens", "fig-keyword-attention",
+                   "fig-accumulation", "fig-direct-effects",
                    "fig-attention-entropy", "fig-direction-projection", "fig-ablation", "fig-gradients",
                    "fig-cross-category", "fig-scatter-pca", "fig-scatter-tsne"):
         assert f'<div id="{dom_id}" class="plotly-lazy"' in page

@@ -12,28 +12,13 @@ import pytest
 from hypotheses import claims
 from reports.claim_lines import strip_status
 from reports.context import VerdictLine, claim_rows, load_run
-from reports.render import render_report
 from reports.synthetic import CATEGORIES, build_run
+from tests.reporting import render, section, text_of
 
 BARS = {"h1_fraction": 0.1, "h1_share": 0.9, "min_heads": 7, "ablation_drop": 0.25, "gradient_r": 0.6}
 
 
-def render(run_dir):
-    result = render_report(run_dir)
-    return result.html_path.read_text(), result.md_path.read_text()
 
-
-def text_of(page: str) -> str:
-    return htmllib.unescape(re.sub(r"<[^>]+>", "", page))
-
-
-def section(md: str, heading: str) -> str:
-    """The Markdown from a heading line to the next heading of the same or a higher level."""
-    level = len(heading) - len(heading.lstrip("#"))
-    start = md.index(heading + "\n") if heading + "\n" in md else md.index(heading)
-    rest = md[start + len(heading):]
-    nxt = re.search(rf"^#{{1,{level}}} ", rest, re.M)
-    return rest[: nxt.start()] if nxt else rest
 
 
 @pytest.fixture(scope="module")

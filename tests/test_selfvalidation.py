@@ -12,7 +12,8 @@ model runs twice: with the byte tokenizer's own ``<pad>``, and with ``<|im_end|>
 
 Determinism. Two studies with the same seed give identical numbers and verdicts on the CPU.
 
-The null-model false-positive rate is in ``test_selfvalidation_null.py``.
+The planted family (each hypothesis true and false, hard cases, nulls that reach the decision
+rules) and the validation card are in ``test_family.py`` and ``test_validation.py``.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def test_study_patches_and_ablates_where_positions_correspond(study, planted):
     assert study.reference.positions == window
     assert study.circuit_ablation.positions == window and study.h1_ablation.positions == window
     assert study.direction_ablation.positions is None
-    assert all(p.positions == window for p in study.block_patching)
+    assert all(p.positions == 1 and p.kind.endswith("_direct") for p in study.block_direct)  # the logits' position
     faith = study.faithfulness
     assert faith.positions == window and faith.n_pairs == len(study.test_pairs)
 
