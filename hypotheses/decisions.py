@@ -411,10 +411,10 @@ def c1_heads(verified, b: Behaviour, cfg: RefusalConfig) -> Verdict:
     mde = float(bar + (norm.ppf(1 - cfg.alpha / (2 * m)) + norm.ppf(POWER)) * se) if math.isfinite(se) else None
     from instruments.components import label
 
-    summary = (f"Of the {m} AtP candidate heads (chosen on train), {point} have an exact effect above {bar:.0%} on "
-               f"{verified.n_pairs} test pairs; {sure} clear it after Holm's correction over the {m} candidates and "
-               f"{maybe} are not significantly below it; the criterion asks for at least {need}. Heads outside the "
-               f"candidates were not verified.")
+    summary = (f"Of the {m} candidate heads (AtP's top heads and the exact sweep's, chosen on train), {point} have an "
+               f"exact effect above {bar:.0%} on {verified.n_pairs} test pairs; {sure} clear it after Holm's "
+               f"correction over the {m} candidates and {maybe} are not significantly below it; the criterion asks "
+               f"for at least {need}. Heads outside the candidates were not verified.")
     return verdict("C1", "patching", status, summary, result="phase3/heads", cfg=cfg,
                    statistic=claims.claim("C1").line("patching").statistic, heads_point=point, heads_ci_low=sure,
                    heads_ci_high=maybe, bar=bar, required=need, n=verified.n_pairs, split="test",
@@ -433,6 +433,7 @@ def s1_gradients(rho: stats.Estimate, n_pairs: int, b: Behaviour, cfg: RefusalCo
         return no_behaviour("S1", "gradients", b, cfg)
     return measured("S1", "gradients", rho, cfg,
                     f"Spearman correlation of the heads' AtP attribution on train pairs with their exact patching "
-                    f"effect on {n_pairs} test pairs, over the {rho.n} verified candidates: {fmt(rho)} (the seed's "
+                    f"effect on {n_pairs} test pairs, over the {rho.n} candidates (nominated by AtP and by the exact "
+                    f"sweep): {fmt(rho)} (the seed's "
                     f"cross-validation bar: r > {cfg.gradient_r}).", n=rho.n, split="test", n_pairs=n_pairs,
                     control=_control("none: an agreement between two instruments, held to the bar", "none"))

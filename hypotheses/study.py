@@ -126,7 +126,7 @@ class Study:
 
     @stage
     def ranking(self) -> ev.Ranking:
-        """The AtP candidates verified by exact patching on the train pairs, by exact effect (AtP*)."""
+        """The candidates verified by exact patching on the train pairs, ranked by exact effect (AtP*)."""
         atp = [float(self.atp.heads[h.layer, h.head]) for h in self.candidates]
         return ev.verify(self.handle, self.train_pairs, self.tokens, self.cfg, self.candidates, np.asarray(atp))
 
@@ -292,7 +292,7 @@ class Study:
 
     @stage
     def verified(self) -> loc.Verified:
-        """The AtP candidates' exact effects on every test pair (C1, S1)."""
+        """The candidates' exact effects on every test pair (C1, S1)."""
         return loc.verified_on_test(self.handle, self.test_pairs, self.tokens, self.cfg, self.candidates)
 
     @stage

@@ -1,7 +1,7 @@
 """The seed's success criteria, each reported as met (supported) or not met (refuted).
 
-- C1: at least 10 heads with more than 10% causal effect: the AtP candidates (chosen on
-  train) verified by exact patching on TEST pairs, met when at least 10 clear the bar
+- C1: at least 10 heads with more than 10% causal effect: the candidates (AtP's top heads
+  and the exact sweep's, chosen on train) verified by exact patching on TEST pairs, met when at least 10 clear the bar
   after Holm's correction over the candidates.
 - C2: ablating the circuit (top heads + top neurons) cuts refusal on held-out harmful
   prompts by more than 30% beyond a size- and layer-matched random set (difference CI

@@ -65,8 +65,11 @@ class CardLine:
 
     @property
     def wrong(self) -> bool:
-        """Whether any verdict contradicted the truth: refuted when true, supported when false or null."""
-        return self.wrong_refutations > 0 or self.false.supported > 0 or self.null.supported > 0
+        """Whether any verdict contradicted the truth: refuted when true, or supported when false.
+
+        A null has no truth per line (it was built without structure, not proven to lack every
+        property), so a line supported on a null is shown as a rate, not as a wrong verdict."""
+        return self.wrong_refutations > 0 or self.false.supported > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,8 +238,7 @@ def rate_text(rate: Rate) -> str:
 
 
 def _wrong_text(line: CardLine) -> str:
-    parts = [(line.wrong_refutations, "refuted when true"), (line.false.supported, "supported when false"),
-             (line.null.supported, "supported on null")]
+    parts = [(line.wrong_refutations, "refuted when true"), (line.false.supported, "supported when false")]
     found = [f"{k} {what}" for k, what in parts if k > 0]
     return "WRONG: " + ", ".join(found) if found else "none"
 
@@ -256,10 +258,11 @@ def _null_sentence(card: Card) -> str:
     null = card.null_fpr
     passed = null.n_gate_passed
     gate = f"; {passed} of {card.n_null} null runs passed the gate" if passed is not None else ""
-    text = (f"Overall null false-positive rate (null runs that passed the behaviour gate with any line supported): "
+    text = (f"Null false-positive rate (null runs that passed the behaviour gate with any hypothesis supported): "
             f"{rate_text(null.rate)}{gate}.")
     if null.n_shuffled is not None and null.shuffled_supported is not None:
-        text += f" Shuffled labels: {null.shuffled_supported} of {null.n_shuffled} runs had any line supported."
+        text += (f" Shuffled labels: {null.shuffled_supported} of {null.n_shuffled} runs had a hypothesis "
+                 "supported.")
     return text
 
 
@@ -278,7 +281,9 @@ def blocks(read: CardRead, *, code_version: str | None = None) -> list[Block]:
     out.append(para("Each row counts a line's verdicts (supported / inconclusive / refuted) where the design makes it "
                     "true, where it makes it false, and on null designs. Power is the share supported when true, FPR "
                     "the share supported when false or null, each with its exact (Clopper-Pearson) interval. A row "
-                    "marked WRONG gave a verdict the truth contradicts."))
+                    "marked WRONG gave a verdict the truth contradicts (supported when false, refuted when true); a "
+                    "null has no truth per line, and a hypothesis supported on a null counts in the null "
+                    "false-positive rate below."))
     rows = [(cell(Span(text=line.key, strong=True)), _short(line.title), _sir(line.true), rate_text(line.power),
              _sir(line.false), rate_text(line.fpr_false), _sir(line.null), rate_text(line.fpr_null), _wrong_text(line))
             for line in card.lines]
