@@ -428,6 +428,17 @@ def c2_ablation(cond: Condition, control: Condition, diff: stats.Estimate, b: Be
     return _ablation_line("C2", cfg.ablation_drop, cond, control, diff, b, cfg)
 
 
+def c3_reproducibility(identical: bool, provenance: dict[str, Any], cfg: RefusalConfig) -> Verdict:
+    """Met when a rerun is bit-identical and the provenance names versions, commit, time and machine."""
+    missing = [k for k in ("versions", "git_commit", "utc_time", "machine") if not provenance.get(k)]
+    status = "supported" if identical and not missing else "refuted"
+    return verdict("C3", "reproducibility", status,
+                   f"A rerun of attribution patching gave {'bit-identical' if identical else 'DIFFERENT'} numbers; "
+                   f"provenance recorded: {'complete' if not missing else 'missing ' + ', '.join(missing)} "
+                   f"(seed {cfg.seed}, commit {provenance.get('git_commit') or 'unknown'}).", result="manifest",
+                   cfg=cfg, identical=identical, missing_provenance=missing)
+
+
 def s1_gradients(rho: stats.Estimate, n_pairs: int, b: Behaviour, cfg: RefusalConfig) -> Verdict:
     if not b.present:
         return no_behaviour("S1", "gradients", b, cfg)

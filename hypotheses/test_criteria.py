@@ -37,12 +37,4 @@ def test_c3_reproducible(subject, study, recorder, record_verdict, refusal_token
     runs = [patching.attribution_patch(subject, harmful(pairs), harmless(pairs), metric_for(refusal_tokens),
                                        patch_spec(subject, study.cfg)) for _ in range(2)]
     identical = torch.equal(runs[0].heads, runs[1].heads) and torch.equal(runs[0].neurons, runs[1].neurons)
-    prov = recorder.manifest.get("provenance", {})
-    missing = [k for k in ("versions", "git_commit", "utc_time", "machine") if not prov.get(k)]
-    status = "supported" if identical and not missing else "refuted"
-    record_verdict(decisions.verdict(
-        "C3", "reproducibility", status,
-        f"A rerun of attribution patching gave {'bit-identical' if identical else 'DIFFERENT'} numbers; "
-        f"provenance recorded: {'complete' if not missing else 'missing ' + ', '.join(missing)} "
-        f"(seed {study.cfg.seed}, commit {prov.get('git_commit') or 'unknown'}).", result="manifest",
-        cfg=study.cfg, identical=identical, missing_provenance=missing))
+    record_verdict(decisions.c3_reproducibility(identical, recorder.manifest.get("provenance", {}), study.cfg))

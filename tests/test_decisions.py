@@ -355,3 +355,11 @@ def test_h1_patching_must_beat_its_matched_random_set():
     as_good = d.h1_patching("patching", est(0.9, 0.85, 0.95), 3, 64, "x", b, CFG, n_train=64,
                             control=est(0.88, 0.8, 0.95), difference=est(0.02, -0.05, 0.09))
     assert as_good.status == "inconclusive" and "does not beat the random one" in as_good.summary
+
+
+def test_c3_is_refuted_by_a_different_rerun_or_missing_provenance():
+    prov = {"versions": {"torch": "2.13.0"}, "git_commit": "abc", "utc_time": "t", "machine": "m"}
+    assert d.c3_reproducibility(True, prov, CFG).status == "supported"
+    assert d.c3_reproducibility(False, prov, CFG).status == "refuted"
+    missing = d.c3_reproducibility(True, {**prov, "git_commit": None}, CFG)
+    assert missing.status == "refuted" and missing.numbers["missing_provenance"] == ["git_commit"]
