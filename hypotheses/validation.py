@@ -256,6 +256,17 @@ def resummarize(path: Path) -> dict[str, Any]:
     return {**card, "generated": old["generated"], "code_version": old["code_version"], "machine": old["machine"]}
 
 
+def _unwritable(folder: Path) -> str | None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".validation-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./suite validate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -264,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"folder the card is written to (default: {DOCS})")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
+    problem = _unwritable(args.out)
+    if problem:  # checked before minutes of studies, not after
+        print(f"./suite validate: cannot write the card to {args.out} ({problem}); pass --out a writable folder",
+              file=sys.stderr)
+        return 2
     import torch
 
     torch.set_num_threads(max(1, _cores()))

@@ -97,3 +97,11 @@ def test_the_committed_card_is_clean():
 def test_suite_validate_is_an_entry_point():
     script = (Path(__file__).resolve().parent.parent / "suite").read_text()
     assert "validate) exec .venv/bin/python -m hypotheses.validation" in script
+
+
+def test_an_unwritable_card_folder_is_refused_before_any_study(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert val.main(["--quick", "--out", str(blocker / "card")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the card to" in err and "pass --out a writable folder" in err
