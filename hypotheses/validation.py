@@ -120,7 +120,7 @@ def plan(mode: str) -> list[tuple[family.Design, int, str]]:
 
 
 def run_all(mode: str, cfg=None, *, progress=None) -> list[Run]:
-    """Run the card's plan; ``progress(i, n, job, run, eta_s)`` is called after each study."""
+    """Run the card's plan; ``progress(i, n, run, eta_seconds)`` is called after each study."""
     cfg = cfg or family_config()
     jobs, runs, start = plan(mode), [], time.time()
     for i, (design, seed, kind) in enumerate(jobs):
@@ -242,18 +242,6 @@ def write_card(card: dict[str, Any], folder: Path = DOCS) -> tuple[Path, Path]:
     atomic_write_json(js, card)
     atomic_write_bytes(md, markdown(card).encode())
     return js, md
-
-
-def resummarize(path: Path) -> dict[str, Any]:
-    """The card recomputed from the runs a written card holds (after a change to the counting only)."""
-    import json
-
-    from fixtures.config import RefusalConfig
-
-    old = json.loads(path.read_text())
-    runs = [Run.from_record(r) for r in old["runs"]]
-    card = summarize(runs, mode=old["mode"], seconds=old["seconds"], cfg=RefusalConfig(**old["config"]))
-    return {**card, "generated": old["generated"], "code_version": old["code_version"], "machine": old["machine"]}
 
 
 def _unwritable(folder: Path) -> str | None:
