@@ -291,6 +291,13 @@ class AtpScan:
     n_pairs: int = 0
 
 
+def top_heads_of(scores: Float[torch.Tensor, "layer head"], n: int) -> tuple[Head, ...]:
+    """The n heads with the largest score (signed: a head that restores refusal scores high)."""
+    flat, n_heads = scores.reshape(-1), scores.shape[1]
+    top = torch.topk(flat, min(n, flat.numel())).indices.tolist()
+    return tuple(Head(layer=i // n_heads, head=i % n_heads) for i in top)
+
+
 def atp_scan(handle, pairs: Sequence[Pair], tokens: RefusalTokens, cfg: RefusalConfig) -> AtpScan:
     """Every head's and neuron's AtP estimate of its denoising effect, per ``cfg.atp_rule``.
 

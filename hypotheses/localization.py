@@ -18,7 +18,7 @@ from jaxtyping import Float
 from fixtures.config import RefusalConfig
 from fixtures.data import Pair
 from hypotheses.evidence import (AtpScan, Condition, boot_estimate, boot_index, harmful, harmless, metric_for,
-                                 patch_spec)
+                                 patch_spec, top_heads_of)
 from instruments import stats
 from instruments.components import Component, Head, Neuron
 from instruments.metrics import RefusalTokens
@@ -29,10 +29,7 @@ from instruments.patching import PatchResult, patch_components
 
 def atp_candidates(scan: AtpScan, n: int) -> tuple[Head, ...]:
     """The n heads with the largest AtP estimate (signed: a head that restores refusal scores high)."""
-    flat = scan.heads.reshape(-1)
-    n_heads = scan.heads.shape[1]
-    top = torch.topk(flat, min(n, flat.numel())).indices.tolist()
-    return tuple(Head(layer=i // n_heads, head=i % n_heads) for i in top)
+    return top_heads_of(scan.heads, n)
 
 
 def parameters_of(handle, c: Component) -> int:

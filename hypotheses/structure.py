@@ -15,8 +15,8 @@ from jaxtyping import Bool, Float
 
 from fixtures.config import RefusalConfig
 from fixtures.data import Pair
-from hypotheses.evidence import (HarmlessReference, atp_scan, boot_estimate, boot_index, harmful, harmless,
-                                 percentile, side_effects)
+from hypotheses.evidence import (HarmlessReference, atp_scan, boot_estimate, boot_index, harmful, harmless, percentile,
+                                 side_effects, top_heads_of)
 from instruments import behavior, stats
 from instruments.ablation import AblationSpec, ReferenceActivations, ablation_hooks
 from instruments.components import Head, Pattern, hook_name
@@ -308,9 +308,7 @@ def category_heads(handle, find: dict[str, Sequence[Pair]], tokens: RefusalToken
     """Each category's top heads by AtP on its own ``find`` (train) pairs."""
     heads: dict[str, tuple[Head, ...]] = {}
     for c in sorted(find):
-        flat = atp_scan(handle, find[c], tokens, cfg).heads.reshape(-1)
-        top = torch.topk(flat, min(cfg.top_heads, flat.numel())).indices.tolist()
-        heads[c] = tuple(Head(layer=i // handle.n_heads, head=i % handle.n_heads) for i in top)
+        heads[c] = top_heads_of(atp_scan(handle, find[c], tokens, cfg).heads, cfg.top_heads)
     return heads
 
 

@@ -119,9 +119,7 @@ class Study:
         would otherwise only ever see the heads AtP chose.
         """
         atp = loc.atp_candidates(self.atp, self.cfg.head_candidates)
-        exact = self.exact_heads.normalized
-        order = torch.argsort(exact.reshape(-1), descending=True, stable=True)[: self.cfg.min_heads].tolist()
-        swept = tuple(Head(layer=i // self.handle.n_heads, head=i % self.handle.n_heads) for i in order)
+        swept = ev.top_heads_of(self.exact_heads.normalized, self.cfg.min_heads)
         return atp + tuple(h for h in swept if h not in atp)
 
     @stage
