@@ -434,3 +434,18 @@ def test_from_json_rejects_unknown_kinds_and_fields():
 def test_validate_rejects_out_of_range(tiny, bad, message):
     with pytest.raises(UnknownComponentError, match=message):
         validate(bad, n_layers=tiny.n_layers, n_heads=tiny.n_heads, d_mlp=tiny.d_mlp, d_model=tiny.d_model)
+
+
+def test_refusal_score_stays_finite_and_exact_however_sure_the_model_is():
+    """log p / (1 - p) from logits: the validation card's nulls put all of float32's probability on the
+    refusal tokens, where log(1 - p) computed from p is -inf and a bootstrap then refuses the data."""
+    tokens = metrics.RefusalTokens(refusal_ids=(0, 1), compliance_ids=(2,), source="test")
+    logits = torch.zeros(3, 6)
+    logits[0, :2] = 60.0  # p rounds to 1 in float32
+    logits[1, 2:] = 60.0  # p rounds to 0
+    score = metrics.refusal_score(logits, tokens)
+    assert torch.isfinite(score).all()
+    # exact: logsumexp of the refusal logits minus logsumexp of the others
+    assert float(score[0]) == pytest.approx(60 + math.log(2) - math.log(4), abs=1e-4)
+    assert float(score[1]) == pytest.approx(math.log(2) - 60 - math.log(4), abs=1e-4)
+    assert float(score[2]) == pytest.approx(math.log(2 / 4), abs=1e-6)  # uniform: p = 1/3
