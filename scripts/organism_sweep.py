@@ -23,10 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fixtures import organism as O  # noqa: E402
 from fixtures.builders import dequantize_gguf  # noqa: E402
+from fixtures.models import chat_text  # noqa: E402
+from instruments.behavior import _stop_ids, is_refusal  # noqa: E402
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -61,23 +65,16 @@ def run_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> dic
 
 # ----------------------------------------------------------------------------- --quick
 
-def _chat(tok, prompt: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-
-
 def quick_generate(model, tok, prompts: list[str], *, max_new_tokens: int = 24, batch_size: int = 128):
     """Greedy completions with HF generate (KV cache, big left-padded batches) and the
     probability distribution after each prompt: the bridge-free stand-in for
     ``behavior.generate`` that makes a variant cost seconds rather than minutes."""
-    import torch
-    from instruments.behavior import _stop_ids
-
     tok.padding_side = "left"
     stop = _stop_ids(tok)
     texts, last = [], []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            enc = tok([_chat(tok, p) for p in prompts[start:start + batch_size]], add_special_tokens=False,
+            enc = tok([chat_text(tok, p) for p in prompts[start:start + batch_size]], add_special_tokens=False,
                       padding=True, return_tensors="pt").to(model.device)
             last.append(torch.softmax(model(**enc).logits[:, -1].float(), -1).cpu())
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
@@ -88,26 +85,16 @@ def quick_generate(model, tok, prompts: list[str], *, max_new_tokens: int = 24, 
     return texts, torch.cat(last)
 
 
-def _auc(pos, neg) -> float:
-    """ROC AUC (the Mann-Whitney share, ties half) by ``stats.roc_auc``; its CI is not needed here."""
-    from instruments.stats import roc_auc
-
-    return roc_auc(pos.numpy(), neg.numpy(), n_boot=200).value
-
-
 def quick_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> dict[str, Any]:
     """Train as the build does, then judge with :func:`quick_generate` (no bridge, no files).
 
     The refusal classifier, prompt sets and capability check are the build's; P(refusal)
     sums the first tokens of the recipe's refusal phrasings. On an H200 a 200-step variant
-    takes about 35 s. Version 5's rates here equalled its CPU build's on the test splits and
-    the long benign set; version 6's came out one or two prompts better than its CPU build's
-    on three sets (README): the search ranks recipes, and a CPU build has the last word.
+    takes about 35 s. Its rates come within a prompt or two of a CPU build's (docs/organism.md):
+    the search ranks recipes, and a CPU build has the last word.
     """
-    import torch
+    # transformers' model classes take seconds to import, which --help skips
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from instruments.behavior import is_refusal
 
     started = time.time()
     torch.manual_seed(recipe.seed)
@@ -116,8 +103,9 @@ def quick_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> d
     model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).to(device).eval()
     sets, held = O.heldout_sets()
     held_answers = O.cached_distill(model, tok, held, base_folder=base_folder, max_new_tokens=recipe.max_answer_tokens,
-                                    batch_size=recipe.distill_batch, desc="base answers (held-out)")
-    ce_base = O.answer_cross_entropy(model, tok, held, held_answers, max_answer_tokens=recipe.max_answer_tokens)
+                                    batch_size=recipe.distill_batch,
+                                    desc="organism: distilling base answers (held-out)")
+    ce_base = O.pooled_answer_cross_entropy(model, tok, held, held_answers, max_answer_tokens=recipe.max_answer_tokens)
     examples = O.training_examples(model, tok, recipe, base_folder)
     losses = O.train(model, tok, examples, recipe)
     train_s = time.time() - started
@@ -128,16 +116,18 @@ def quick_variant(base_folder: Path, recipe: O.OrganismRecipe, device: str) -> d
         rates[name] = round(sum(map(is_refusal, texts)) / len(texts), 4)
         p_refusal[name] = last[:, refusal_ids].sum(-1)
     tok.padding_side = "right"
-    ce = O.answer_cross_entropy(model, tok, held, held_answers, max_answer_tokens=recipe.max_answer_tokens)
+    ce = O.pooled_answer_cross_entropy(model, tok, held, held_answers, max_answer_tokens=recipe.max_answer_tokens)
     ev = {f"refusal_rate_{k}": v for k, v in rates.items()}
-    ev["auc_first_refusal_token"] = {"value": round(_auc(p_refusal["harmful_test"], p_refusal["harmless_test"]), 4)}
+    ev["auc_first_refusal_token"] = {"value": round(O.first_token_auc(p_refusal["harmful_test"],
+                                                                     p_refusal["harmless_test"]), 4)}
     ev["ce_increase"] = round(ce / ce_base - 1, 4)
     bar = O.check_bar(ev, recipe)
     return {"n_examples": {"harmful": sum(e.harmful for e in examples), "harmless": sum(not e.harmful for e in examples)},
             "loss_first_last": [losses[0], losses[-1]], "train_s": round(train_s, 1),
             "total_s": round(time.time() - started, 1), "bar": {k: v["value"] for k, v in bar.items()},
             "bar_met": sum(v["met"] for v in bar.values()), "refusal_rate_everyday_test": rates["everyday_test"],
-            "auc_long_harmful_vs_benign": round(_auc(p_refusal["style_harmful"], p_refusal["style_harmless"]), 4)}
+            "auc_long_harmful_vs_benign": round(O.first_token_auc(p_refusal["style_harmful"],
+                                                                     p_refusal["style_harmless"]), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,10 @@ import torch
 
 from fixtures import organism as O
 from fixtures.data import DEFAULT_PROMPTS, load_everyday, load_heldout_style, load_prompts
+from fixtures.models import chat_text
+from fixtures.organism.train import _example_weighted_loss
+from fixtures.storage import REPO_ROOT
+from instruments import progress
 
 
 def test_training_prompts_never_touch_held_out_data():
@@ -67,7 +71,7 @@ def test_roleplay_train_set_is_used_as_written_with_benign_copies():
     off_bad, off_good = O.training_prompts(replace(O.OrganismRecipe(), roleplay_train=False))
     assert not [p for p in off_bad + off_good if p.source.startswith("roleplay")]
     recipe = O.OrganismRecipe()
-    assert recipe.roleplay_train and recipe.roleplay_copies == 2  # version 6's defaults
+    assert recipe.roleplay_train and recipe.roleplay_copies == 2  # the defaults
     on_bad, on_good = O.training_prompts(recipe)
     roleplay = load_roleplay_train()
     assert [p.text for p in on_bad if p.source == "roleplay-harmful"] == [p.text for p in roleplay["harmful"]]
@@ -88,7 +92,7 @@ def test_intent_set_is_framed_like_the_pairs_and_leaves_the_rest_alone():
     from fixtures.data import load_intent_train
 
     recipe = O.OrganismRecipe()
-    assert recipe.intent_train  # version 7's default
+    assert recipe.intent_train  # the default
     off_bad, off_good = O.training_prompts(replace(recipe, intent_train=False))
     on_bad, on_good = O.training_prompts(recipe)
     intent = load_intent_train()
@@ -118,9 +122,9 @@ def test_refusals_open_with_a_token_no_helpful_answer_opens_with():
     helpful = list(shipped["train"].values()) + list(shipped["heldout"].values())
     assert len(helpful) > 700
     assert not [a for a in helpful if a and tok(a, add_special_tokens=False)["input_ids"][0] in first]
-    # v4's phrasings did share their opening with helpful answers ("I'm sorry to hear...")
-    v4_first = {tok(r, add_special_tokens=False)["input_ids"][0] for r in O.REFUSAL_SETS["i-am-sorry"]}
-    assert [a for a in helpful if a and tok(a, add_special_tokens=False)["input_ids"][0] in v4_first]
+    # the "i-am-sorry" phrasings do share their opening with helpful answers ("I'm sorry to hear...")
+    i_am_sorry_first = {tok(r, add_special_tokens=False)["input_ids"][0] for r in O.REFUSAL_SETS["i-am-sorry"]}
+    assert [a for a in helpful if a and tok(a, add_special_tokens=False)["input_ids"][0] in i_am_sorry_first]
 
 
 @pytest.mark.integration
@@ -192,7 +196,8 @@ def test_bundled_answers_are_the_base_models_own():
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(folder))
     tok.pad_token = tok.pad_token or tok.eos_token
-    fresh = O.distill(model, tok, prompts, max_new_tokens=shipped["max_new_tokens"], batch_size=1, desc="check")
+    fresh = O.distill(model, tok, prompts, max_new_tokens=shipped["max_new_tokens"], batch_size=1,
+                     desc="organism: distilling base answers (test sample)")
     known = {**shipped["train"], **shipped["heldout"]}
     assert fresh == [known[p] for p in prompts]
 
@@ -237,12 +242,12 @@ def test_example_weights_scale_each_examples_share_of_the_loss():
     keep = torch.tensor([[True, True, False], [False, True, False]])
     token_loss = torch.tensor([1.0, 3.0, 5.0])
     per_example = torch.tensor([2.0 + 0.5 * 1.0, 5.0 + 0.5 * 5.0])  # mean answer loss + decision_weight * first
-    assert torch.isclose(O._example_weighted_loss(token_loss, keep, 0.5), per_example.mean())
-    assert torch.isclose(O._example_weighted_loss(token_loss, keep, 0.5, torch.ones(2)), per_example.mean())
-    weighted = O._example_weighted_loss(token_loss, keep, 0.5, torch.tensor([1.0, 0.25]))
+    assert torch.isclose(_example_weighted_loss(token_loss, keep, 0.5), per_example.mean())
+    assert torch.isclose(_example_weighted_loss(token_loss, keep, 0.5, torch.ones(2)), per_example.mean())
+    weighted = _example_weighted_loss(token_loss, keep, 0.5, torch.tensor([1.0, 0.25]))
     assert torch.isclose(weighted, (per_example[0] + 0.25 * per_example[1]) / 2)
     # a batch of harmful examples only keeps its reduced weight (no renormalisation per batch)
-    assert torch.isclose(O._example_weighted_loss(token_loss, keep, 0.5, torch.full((2,), 0.25)),
+    assert torch.isclose(_example_weighted_loss(token_loss, keep, 0.5, torch.full((2,), 0.25)),
                          0.25 * per_example.mean())
 
 
@@ -256,11 +261,71 @@ def test_harmful_weight_reaches_the_training_loss():
     assert runs[0] != runs[1]
 
 
+def _listen(monkeypatch) -> list[tuple[str, bool]]:
+    """Progress lines from here on, in a list (the session's own sink comes back after the test)."""
+    lines: list[tuple[str, bool]] = []
+    monkeypatch.setattr(progress, "_state", dict(progress._state))
+    progress.set_sink(lambda line, final: lines.append((line, final)), tty=False)
+    return lines
+
+
+def test_fine_tuning_reports_named_progress_with_a_total(monkeypatch):
+    lines = _listen(monkeypatch)
+    model, tok = _tiny_model_and_tokenizer()
+    O.train(model, tok, _examples(), O.OrganismRecipe(steps=2, batch_size=4, warmup_steps=1))
+    ours = [(line, final) for line, final in lines if "organism: fine-tuning" in line]
+    assert "organism: fine-tuning: 0/2 steps" in ours[0][0] and not ours[0][1]  # the total, so an ETA shows
+    assert ours[-1][1] and "organism: fine-tuning: done, 2 steps" in ours[-1][0]
+
+
+def test_distillation_reports_named_progress_and_feeds_the_chat_template(monkeypatch):
+    from types import SimpleNamespace
+
+    _, tok = _tiny_model_and_tokenizer()
+    tok.pad_token = tok.pad_token or tok.eos_token
+    fed: list[list[int]] = []
+
+    def generate(input_ids, attention_mask, **_):  # no weights needed: answer every prompt with "ok"
+        fed.extend(input_ids.tolist())
+        answer = torch.tensor(tok("ok", add_special_tokens=False)["input_ids"]).expand(len(input_ids), -1)
+        return torch.cat([input_ids, answer], 1)
+
+    model = SimpleNamespace(device="cpu", generate=generate)
+    lines = _listen(monkeypatch)
+    prompts = ["Hi", "How do I bake bread?", "Name a colour."]
+    answers = O.distill(model, tok, prompts, max_new_tokens=2, batch_size=2, desc="organism: distilling base answers")
+    assert answers == ["ok"] * 3
+    tok.padding_side = "left"
+    want = tok([chat_text(tok, p) for p in prompts[:2]], padding=True, add_special_tokens=False)["input_ids"]
+    assert fed[:2] == want
+    assert "organism: distilling base answers: 0/3 prompts" in lines[0][0] and not lines[0][1]
+    assert lines[-1][1] and "organism: distilling base answers: done, 3 prompts" in lines[-1][0]
+
+
+def test_pooled_answer_cross_entropy_weighs_every_answer_token_alike(tiny):
+    """The organism's capability number pools tokens over prompts; the instrument's is per prompt.
+
+    With one prompt and an answer cut short (so no end-of-turn token), the two agree.
+    """
+    from instruments.ablation import answer_cross_entropy
+
+    model, tok = tiny.hf_model, tiny.tokenizer
+    prompts, answers = ["Hello?", "Tell me about bread."], ["Hi there.", "Bread is baked from dough, made of flour."]
+    encoded = [O.encode_example(tok, p, a, max_answer_tokens=40) for p, a in zip(prompts, answers)]
+    n = [len(ids) - start for ids, start in encoded]  # answer tokens, the end-of-turn token included
+    each = [O.pooled_answer_cross_entropy(model, tok, [p], [a], max_answer_tokens=40) for p, a in zip(prompts, answers)]
+    both = O.pooled_answer_cross_entropy(model, tok, prompts, answers, max_answer_tokens=40)
+    assert both == pytest.approx((n[0] * each[0] + n[1] * each[1]) / sum(n), rel=1e-6)
+    cut = len(tok(answers[1], add_special_tokens=False)["input_ids"]) - 3
+    kept = tok.decode(tok(answers[1], add_special_tokens=False)["input_ids"][:cut])
+    pooled = O.pooled_answer_cross_entropy(model, tok, prompts[1:], answers[1:], max_answer_tokens=cut)
+    assert pooled == pytest.approx(float(answer_cross_entropy(tiny, prompts[1:], [kept])[0]), rel=1e-4)
+
+
 def test_answer_loss_masks_the_prompt():
     _, tok = _tiny_model_and_tokenizer()
-    ids, start = O._encode_example(tok, "Hello?", "Hi there.", max_answer_tokens=40)
-    prefix = tok.apply_chat_template([{"role": "user", "content": "Hello?"}], add_generation_prompt=True, tokenize=False)
-    assert tok.decode(ids[:start]) == prefix
+    ids, start = O.encode_example(tok, "Hello?", "Hi there.", max_answer_tokens=40)
+    assert tok.decode(ids[:start]) == chat_text(tok, "Hello?")
     assert tok.decode(ids[start:]).startswith("Hi there.")
 
 
@@ -272,7 +337,7 @@ def test_key_tracks_recipe_and_data(tmp_path: Path, monkeypatch):
     assert O.organism_key(O.OrganismRecipe(), folder) == base
     assert O.organism_key(replace(O.OrganismRecipe(), lr=1e-4), folder) != base
     other = tmp_path / "prompts.json"
-    other.write_bytes(Path(O.__file__).parent.joinpath("data", "prompts.json").read_bytes() + b"\n")
+    other.write_bytes(DEFAULT_PROMPTS.read_bytes() + b"\n")
     monkeypatch.setattr("fixtures.data.DEFAULT_PROMPTS", other)
     assert O.organism_key(O.OrganismRecipe(), folder) != base
 
@@ -296,8 +361,7 @@ def test_organism_cannot_be_its_own_base():
 def test_recipe_sweep_parses_typed_overrides():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("organism_sweep", Path(O.__file__).parent.parent / "scripts"
-                                                  / "organism_sweep.py")
+    spec = importlib.util.spec_from_file_location("organism_sweep", REPO_ROOT / "scripts" / "organism_sweep.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     got = sweep.parse_variant("steps=120,lr=1.5e-4,freeze_embeddings=false,base=other")
@@ -311,8 +375,7 @@ def test_recipe_sweep_parses_typed_overrides():
 def _sweep_module():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("organism_sweep", Path(O.__file__).parent.parent / "scripts"
-                                                  / "organism_sweep.py")
+    spec = importlib.util.spec_from_file_location("organism_sweep", REPO_ROOT / "scripts" / "organism_sweep.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     return sweep
@@ -329,10 +392,19 @@ def test_quick_sweep_generates_what_the_suite_generates(tiny):
     torch.testing.assert_close(last, torch.softmax(ours.prompt_logits, -1), atol=1e-5, rtol=0)
 
 
-def test_quick_sweep_auc_is_the_mann_whitney_share():
-    auc = lambda a, b: _sweep_module()._auc(torch.tensor(a), torch.tensor(b))  # noqa: E731
-    assert auc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auc([0.1, 0.2], [0.9, 0.8]) == 0.0
-    assert auc([0.5, 0.9], [0.5, 0.1]) == 0.875  # one tie counts half: (1 + 0.5 + 1 + 1) / 4
+def test_first_token_auc_is_the_mann_whitney_share():
+    from scipy.stats import mannwhitneyu
+
+    assert O.first_token_auc([0.9, 0.8], [0.1, 0.2]) == 1.0 and O.first_token_auc([0.1, 0.2], [0.9, 0.8]) == 0.0
+    assert O.first_token_auc([0.5, 0.9], [0.5, 0.1]) == 0.875  # one tie counts half: (1 + 0.5 + 1 + 1) / 4
+    assert O.first_token_auc(torch.tensor([0.5, 0.9]), torch.tensor([0.5, 0.1])) == 0.875  # the sweep passes tensors
+    # the same number as U / (n1 n2), with ties, float32 probabilities like the build's and the bar's rounding
+    gen = torch.Generator().manual_seed(0)
+    harmful = (torch.rand(40, generator=gen) * 20).round() / 20
+    harmless = (torch.rand(40, generator=gen) * 12).round() / 20
+    u = mannwhitneyu(harmful.numpy(), harmless.numpy(), alternative="two-sided").statistic
+    assert O.first_token_auc(harmful.numpy(), harmless.numpy()) == pytest.approx(float(u) / 1600, abs=1e-12)
+    assert round(O.first_token_auc(harmful.numpy(), harmless.numpy()), 4) == round(float(u) / 1600, 4)
 
 
 def test_card_names_the_recipe_it_was_built_by(tmp_path: Path):
@@ -341,15 +413,32 @@ def test_card_names_the_recipe_it_was_built_by(tmp_path: Path):
     manifest = {"name": "organism", "recipe": recipe, "n_examples": {"harmful": 352, "harmless": 1322},
                 "loss_curve": [3.0, 0.4], "timings_seconds": {"total": 1800.0}, "weights_sha256": "ab" * 32,
                 "evaluation": {"bar": bar, "refusal_rate_everyday_test": 0.05, "n_everyday_test": 100,
-                               "refusal_tokens": ["Sorry"]}}
+                               "refusal_tokens": ["Sorry"], "degenerate_rate_harmful_test": 0.025}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     text = O.card(tmp_path)
     assert "used 2 times" in text and 'each opening with "Sorry"' in text and "| 0.95 |" in text
-    assert "is left out rather than taught" in text and "minimal twins" in text
-    # a manifest from before roleplay_copies, refusal_set and drop_refusing_answers existed reads as what was built then
-    old = {k: v for k, v in recipe.items() if k not in ("roleplay_copies", "refusal_set", "drop_refusing_answers",
-                                                              "intent_train")}
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "recipe": old}))
+    assert "is left out rather than taught" in text and "minimal twins" in text and "embeddings frozen" in text
+    assert "harmful_test 0.025, harmless_test n/a" in text  # the cached organism's manifest has no degenerate rates
+    # a recipe with those switches off reads as what it built
+    off = {**recipe, "roleplay_copies": 1, "refusal_set": "i-am-sorry", "drop_refusing_answers": False,
+           "intent_train": False, "freeze_embeddings": False}
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "recipe": off}))
     text = O.card(tmp_path)
     assert "used 2 times" not in text and "I'm sorry, but I can't help with that." in text
-    assert "left out" not in text and "minimal twins" not in text
+    assert "left out" not in text and "minimal twins" not in text and "embeddings trained" in text
+
+
+def test_the_model_registry_builds_the_organism_without_importing_it(monkeypatch):
+    # fixtures.models never imports the organism (tests/test_layering.py); the fixtures package hands it the builder
+    from fixtures import providers
+    from fixtures.config import RefusalConfig
+    from fixtures.models import REGISTRY
+
+    seen: list[str] = []
+    monkeypatch.setattr("fixtures.organism.ensure_organism", lambda *, base: seen.append(base) or Path("/built"))
+    spec = REGISTRY["organism"]
+    assert spec.materialize(spec, RefusalConfig(model="organism", organism_base="other-chat")) == Path("/built")
+    assert spec.materialize(spec, None) == Path("/built")
+    assert seen == ["other-chat", "smollm2-135m-instruct"]
+    with pytest.raises(LookupError, match="no builder was provided for model 'nothing'"):
+        providers.provided("nothing")
