@@ -1,6 +1,6 @@
 """The end-of-session hook's side: render the session's run report and say what happened.
 
-fixtures/plugin.py calls :func:`report_at_session_end` from ``pytest_sessionfinish`` on the
+reports/plugin.py calls :func:`report_at_session_end` from ``pytest_sessionfinish`` on the
 controller, after worker manifests are merged. It never raises: a report that cannot be
 rendered is announced in red with its error, and the session keeps the exit status its
 tests earned (a broken reporter fails the report's own unit tests instead).

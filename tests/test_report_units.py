@@ -165,7 +165,8 @@ def test_records_something(recorder):
 def _pytest_session(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_session.py").write_text(textwrap.dedent(SESSION_TESTS))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "fixtures.plugin", "-p", "no:cacheprovider",
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "fixtures.plugin", "-p", "reports.plugin",
+                           "-p", "no:cacheprovider",
                            "-c", os.devnull, "--rootdir", str(tmp_path), "-v", "--model", "tiny",
                            str(tmp_path / "test_session.py"), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
