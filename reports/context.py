@@ -1,11 +1,12 @@
 """Load one run directory into a typed context: the only thing the report is rendered from.
 
 Everything comes from the given directory (its manifest.json and results/), read through
-``fixtures.recording.Recorder.load`` so the format is exactly what the phases wrote. A
-result that is absent or unreadable is listed as missing, never looked up elsewhere: a
-figure from another run would be a silent lie about this one. The one input from elsewhere
-is the suite's validation card (reports/validation_card.py), which describes the instruments,
-not a run, and is named as such in the report.
+``fixtures.recording.Recorder.load`` and its record class (``hypotheses/records.py``, which every
+phase's save is checked against), so the format is exactly what the phases wrote. A result that
+is absent, unreadable or not of its class's format is listed as missing, never looked up
+elsewhere: a figure from another run would be a silent lie about this one. The one input from
+elsewhere is the suite's validation card (reports/validation_card.py), which describes the
+instruments, not a run, and is named as such in the report.
 """
 
 from __future__ import annotations
@@ -13,26 +14,29 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from fixtures.recording import Record, Recorder
 from fixtures.storage import stable_hash
 from hypotheses import claims as claim_table
+from hypotheses import records
 from hypotheses.verdicts import combine
 from reports.validation_card import CardRead, read_card
 
-# Every result the report knows how to show (reports/SCHEMA.md), in reading order.
-KNOWN_RESULTS: tuple[str, ...] = (
-    "phase2/refusal_rates", "phase2/first_token", "phase2/logit_lens", "phase2/attention_entropy",
-    "phase3/layer_patching", "phase3/heads", "phase3/attention_patterns", "phase3/neurons", "h1/effect_share",
-    "phase4/ablation", "phase4/gradients",
-    "phase5/circuit", "phase5/direction", "phase5/activation_scatter",
-    "h2/keyword_attention", "h2/accumulation", "h2/direct_effects", "h3/cross_category", "organism/card",
+# Every result the report knows how to show (its record classes, hypotheses/records.py), in reading order.
+KNOWN: tuple[type[records.Result], ...] = (
+    records.RefusalRates, records.FirstToken, records.LogitLens, records.AttentionEntropy, records.LayerPatching,
+    records.HeadRanking, records.AttentionPatterns, records.NeuronCatalogue, records.EffectShare, records.Ablation,
+    records.Gradients, records.Circuit, records.RefusalDirection, records.ActivationScatter,
+    records.KeywordAttention, records.Accumulation, records.DirectEffects, records.CrossCategory,
+    records.OrganismCard,
 )
+KNOWN_RESULTS: tuple[str, ...] = tuple(cls.NAME for cls in KNOWN)
 CLAIM_ORDER: tuple[str, ...] = claim_table.CLAIM_ORDER
 # Claims shown even when unrecorded (as NOT EVALUATED); a stretch goal appears only once recorded.
 REQUIRED_CLAIMS: tuple[str, ...] = tuple(c.id for c in claim_table.CLAIMS if c.kind != "stretch")
 MISSING = "missing"
+R = TypeVar("R", bound=records.Result)
 
 
 class RunDirError(FileNotFoundError):
@@ -89,13 +93,19 @@ class RunContext:
     run_dir: Path
     run_key: str  # identity of the run, stamped into its report (see render.py)
     manifest: Mapping[str, Any]
-    results: Mapping[str, Record]
+    results: Mapping[str, Record]  # what the phases wrote, each checked against its record class
     missing: tuple[str, ...]
     unreadable: Mapping[str, str]  # result name -> why it could not be read
     claims: tuple[ClaimRow, ...]
     extra_results: tuple[str, ...] = field(default=())  # recorded names the report does not show
     # the suite's validation card: about the instruments, so the one input from outside the run directory
     validation: CardRead = field(default_factory=read_card)
+    typed: Mapping[str, records.Result] = field(default_factory=dict)  # the same results, typed
+
+    def result(self, cls: type[R]) -> R | None:
+        """A shown result, typed (None when missing or unreadable)."""
+        found = self.typed.get(cls.NAME)
+        return found if isinstance(found, cls) else None
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -170,20 +180,16 @@ def _verdict_lines(recorder: Recorder, run_dir: Path, unreadable: dict[str, str]
     lines = []
     for path in sorted((run_dir / "results").glob("verdicts_*.json")):
         try:
-            name = json.loads(path.read_text())["name"]
-            rec = recorder.load(name)
-            v = rec.verdict if rec is not None else None
-            if not isinstance(v, Mapping) or "claim" not in v or "status" not in v:
+            v = records.load(recorder, records.VerdictRecord, json.loads(path.read_text())["name"])
+            if v is None:
                 raise ValueError("no verdict with a claim and a status")
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:  # RecordError is a ValueError
             unreadable[path.name] = f"{type(err).__name__}: {err}"
             continue
-        numbers = v.get("numbers") or {}
-        evidence = str(v.get("evidence") or "overall")
-        claim = str(v["claim"])
-        lines.append(VerdictLine(claim=claim, status=str(v["status"]), summary=str(v.get("summary", "")),
-                                 evidence=evidence, numbers=numbers,
-                                 evidence_result=evidence_result(claim, evidence, numbers)))
+        numbers = v.numbers or {}
+        evidence = str(v.evidence or "overall")
+        lines.append(VerdictLine(claim=v.claim, status=v.status, summary=str(v.summary or ""), evidence=evidence,
+                                 numbers=numbers, evidence_result=evidence_result(v.claim, evidence, numbers)))
     return lines
 
 
@@ -231,23 +237,24 @@ def load_run(run_dir: Path | str, *, validation_card: Path | str | None = None) 
     manifest = json.loads(manifest_path.read_text())
     recorder = Recorder(run_dir=run_dir)
     results: dict[str, Record] = {}
+    typed: dict[str, records.Result] = {}
     unreadable: dict[str, str] = {}
-    for name in KNOWN_RESULTS:
+    for cls in KNOWN:
         try:
-            rec = recorder.load(name)
-        except Exception as err:  # a torn or hand-edited file must not take the whole report down
-            unreadable[name] = f"{type(err).__name__}: {err}"
-            continue
-        if rec is not None:
-            results[name] = rec
+            rec = recorder.load(cls.NAME)
+            if rec is not None:
+                typed[cls.NAME] = cls.from_record(rec)
+                results[cls.NAME] = rec
+        except Exception as err:  # a torn, hand-edited or mismatched file must not take the whole report down
+            unreadable[cls.NAME] = f"{type(err).__name__}: {err}"
     lines = _verdict_lines(recorder, run_dir, unreadable)
     recorded = sorted(p.stem for p in (run_dir / "results").glob("*.json")) if (run_dir / "results").is_dir() else []
     shown = {n.replace("/", "_") for n in KNOWN_RESULTS}
     extra = tuple(n for n in recorded if n not in shown and not n.startswith("verdicts_"))
     missing = tuple(n for n in KNOWN_RESULTS if n not in results and n != "organism/card")
-    cross = results.get("h3/cross_category")
-    categories = tuple(str(c) for c in (cross.numbers.get("categories") or ())) if cross is not None else ()
+    cross = typed.get(records.CrossCategory.NAME)
+    categories = tuple(str(c) for c in (cross.categories or ())) if isinstance(cross, records.CrossCategory) else ()
     return RunContext(run_dir=run_dir, run_key=run_key(manifest, run_dir), manifest=manifest, results=results,
                       missing=missing, unreadable=unreadable,
                       claims=claim_rows(lines, manifest.get("config") or {}, categories), extra_results=extra,
-                      validation=read_card(validation_card))
+                      validation=read_card(validation_card), typed=typed)

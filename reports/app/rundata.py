@@ -1,4 +1,5 @@
-"""What the explorer reads from a run directory (the contract is reports/SCHEMA.md).
+"""What the explorer reads from a run directory, through the record classes (hypotheses/records.py;
+reports/SCHEMA.md is generated from them).
 
 Everything here is optional: a run may lack any result (a phase skipped or failed), and
 the explorer must then say so rather than substitute something else. A run recorded on
@@ -12,13 +13,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from fixtures.models import model_alias
-from fixtures.recording import Recorder
+from hypotheses import records
 from instruments.components import Direction, Head, Neuron, UnknownComponentError, from_json, label, validate
+
+
+R = TypeVar("R", bound=records.Result)
 
 
 class RunError(ValueError):
@@ -67,13 +71,9 @@ def _number(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _layer_means(arrays: dict[str, torch.Tensor], names: dict[str, str], reduce: tuple[int, ...]) -> dict[str, list[float]]:
-    """Mean over ``reduce`` axes of each named array, as a per-layer list (reference curves)."""
-    out = {}
-    for side, key in names.items():
-        if key in arrays:
-            out[side] = [float(x) for x in arrays[key].float().nanmean(dim=reduce)]
-    return out
+def _layer_means(arrays: dict[str, torch.Tensor | None], reduce: tuple[int, ...]) -> dict[str, list[float]]:
+    """Mean over ``reduce`` axes of each recorded array, as a per-layer list (reference curves)."""
+    return {side: [float(x) for x in a.float().nanmean(dim=reduce)] for side, a in arrays.items() if a is not None}
 
 
 def check_model(manifest: dict[str, Any], model: str, describe: dict[str, Any]) -> list[str]:
@@ -105,19 +105,18 @@ def load_run(path: str | Path, *, model: str, describe: dict[str, Any]) -> RunDa
     except json.JSONDecodeError as err:
         raise RunError(f"{manifest_path} is not valid JSON ({err.msg})") from err
     notes = check_model(manifest, model, describe)
-    rec = Recorder(run_dir=path)
     shape = {k: describe[k] for k in ("n_layers", "n_heads", "d_mlp", "d_model")}
     missing: list[str] = []
     data: dict[str, Any] = {}
 
-    def load(name: str):
+    def load(cls: type[R]) -> R | None:
         try:
-            found = rec.load(name)
-        except Exception as err:  # a corrupt file is reported, never a crash
-            notes.append(f"{name} could not be read ({type(err).__name__}: {err})")
+            found = records.load(path, cls)
+        except Exception as err:  # a corrupt file, or one not of its record class's format, is reported, never a crash
+            notes.append(f"{cls.NAME} could not be read ({type(err).__name__}: {err})")
             return None
         if found is None:
-            missing.append(name)
+            missing.append(cls.NAME)
         return found
 
     def component(raw: dict[str, Any], kind: type):
@@ -130,35 +129,34 @@ def load_run(path: str | Path, *, model: str, describe: dict[str, Any]) -> RunDa
             raise RunError(f"expected a {kind.__name__}, found {label(c)}")
         return c
 
-    if (heads := load("phase3/heads")) is not None:
+    if (heads := load(records.HeadRanking)) is not None:
         data["heads"] = tuple(RankedHead(head=component(row["component"], Head), effect=_number(row.get("effect")))
-                              for row in heads.numbers.get("ranking", []))
-    if (neurons := load("phase3/neurons")) is not None:
+                              for row in heads.ranking or [])
+    if (neurons := load(records.NeuronCatalogue)) is not None:
         data["neurons"] = tuple(
             CatalogueNeuron(neuron=component(row["component"], Neuron), atp=_number(row.get("atp")),
                             activation_diff=_number(row.get("activation_diff")),
                             top_activation=max((a for a in (_number(e.get("activation")) for e in
                                                              row.get("top_examples", [])) if a is not None),
                                                default=None))
-            for row in neurons.numbers.get("catalogue", []))
-    if (direction := load("phase5/direction")) is not None and "direction" in direction.arrays:
-        vector = direction.arrays["direction"].float().flatten()
+            for row in neurons.catalogue or [])
+    if (direction := load(records.RefusalDirection)) is not None and direction.direction is not None:
+        vector = direction.direction.float().flatten()
         if vector.numel() != describe["d_model"]:
             raise RunError(f"its refusal direction has {vector.numel()} entries, the model's d_model is "
                            f"{describe['d_model']}")
         if not torch.isfinite(vector).all() or float(vector.norm()) == 0:
             raise RunError("its refusal direction is zero or not finite")
-        layer = int(direction.numbers.get("layer", 0))
-        data["direction"] = Direction(layer=layer, vector=tuple((vector / vector.norm()).tolist()))
-        data["direction_refs"] = _layer_means(direction.arrays, {"harmful": "projection.harmful",
-                                                                 "harmless": "projection.harmless"}, (1,))
+        data["direction"] = Direction(layer=int(direction.layer or 0), vector=tuple((vector / vector.norm()).tolist()))
+        data["direction_refs"] = _layer_means({"harmful": direction.projection_harmful,
+                                               "harmless": direction.projection_harmless}, (1,))
     elif direction is not None:
         notes.append("phase5/direction holds no 'direction' array: no direction to project on or ablate")
-    if (first := load("phase2/first_token")) is not None:
-        data["refusal_tokens"] = tuple(str(t) for t in first.numbers.get("refusal_tokens", []))
-        data["compliance_tokens"] = tuple(str(t) for t in first.numbers.get("compliance_tokens", []))
-    if (lens := load("phase2/logit_lens")) is not None:
-        data["lens_refs"] = _layer_means(lens.arrays, {"harmful": "harmful", "harmless": "harmless"}, (1,))
-    if (entropy := load("phase2/attention_entropy")) is not None:
-        data["entropy_refs"] = _layer_means(entropy.arrays, {"harmful": "harmful", "harmless": "harmless"}, (0, 2))
+    if (first := load(records.FirstToken)) is not None:
+        data["refusal_tokens"] = tuple(str(t) for t in first.refusal_tokens or [])
+        data["compliance_tokens"] = tuple(str(t) for t in first.compliance_tokens or [])
+    if (lens := load(records.LogitLens)) is not None:
+        data["lens_refs"] = _layer_means({"harmful": lens.harmful, "harmless": lens.harmless}, (1,))
+    if (entropy := load(records.AttentionEntropy)) is not None:
+        data["entropy_refs"] = _layer_means({"harmful": entropy.harmful, "harmless": entropy.harmless}, (0, 2))
     return RunData(path=path, model=model_alias(model), missing=tuple(missing), notes=tuple(notes), **data)
