@@ -6,21 +6,12 @@ is computed once per session and recorded; with --resume a recorded set is reuse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from fixtures.storage import CODE_VERSION, stable_hash
 from fixtures.sweeps import cached_generations
+from hypotheses.baseline import OPENING_TOKENS, SplitGenerations
 from instruments import behavior, metrics
-
-
-@dataclass(frozen=True, kw_only=True)
-class SplitGenerations:
-    """Greedy completions of one split's harmful and harmless prompts."""
-
-    harmful: behavior.Generations
-    harmless: behavior.Generations
 
 
 def _generations(subject, recorder, dataset, split: str, max_new_tokens: int, batch_size: int) -> SplitGenerations:
@@ -33,7 +24,7 @@ def _generations(subject, recorder, dataset, split: str, max_new_tokens: int, ba
 
         def compute(prompts=prompts):
             # through the user-cache generation store: the organism's build already made the train
-            # split's (fixtures/organism.py evaluates with the same settings)
+            # split's (fixtures/organism/evaluate.py uses the same settings)
             gen = cached_generations(subject, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
             return {"numbers": {"texts": list(gen.texts), "first_tokens": list(gen.first_tokens),
                                 "refused": list(gen.refused)}, "prompts": prompts}
@@ -48,7 +39,7 @@ def _generations(subject, recorder, dataset, split: str, max_new_tokens: int, ba
 @pytest.fixture(scope="session")
 def train_generations(subject, recorder, dataset, refusal_config) -> SplitGenerations:
     """Short completions of the train split: enough to see how the model opens an answer."""
-    return _generations(subject, recorder, dataset, "train", max_new_tokens=12,
+    return _generations(subject, recorder, dataset, "train", max_new_tokens=OPENING_TOKENS,
                         batch_size=refusal_config.batch_size)
 
 
@@ -66,16 +57,7 @@ def refusal_tokens(subject, train_generations) -> metrics.RefusalTokens:
     return metrics.tokens_from_generations(subject.tokenizer, gen.harmful, gen.harmless)
 
 
-# ----------------------------------------------------------------------------- the study (phases 3-5, H1-H3)
-
-def _judged(subject, gen: behavior.Generations, tokens: metrics.RefusalTokens, batch_size: int):
-    import numpy as np
-
-    from hypotheses.evidence import Judged
-
-    scores = metrics.refusal_score(behavior.last_logits(subject, gen.prompts, batch_size=batch_size), tokens)
-    return Judged(refused=np.asarray(gen.refused, dtype=bool), scores=scores.double().numpy(), texts=gen.texts)
-
+# ----------------------------------------------------------------------------- the study (phases 2-5, H1-H3)
 
 def _sweep_batch(subject, refusal_config) -> int:
     """--refusal-max-batch, lowered if the memory estimator says a streamed sweep would not fit."""
@@ -117,17 +99,13 @@ def study(subject, dataset, refusal_tokens, refusal_config, recorder, test_gener
         return run_layer_sweep(fn, list(layers), recorder.run_dir / "checkpoints" / "heads-denoising", key,
                                result_type=PatchResult)
 
-    judged = None
-    if cfg.judge == "generate":
-        judged = (_judged(subject, test_generations.harmful, refusal_tokens, cfg.batch_size),
-                  _judged(subject, test_generations.harmless, refusal_tokens, cfg.batch_size))
     def preregister(record, digest):
         from fixtures.recording import write_preregistration
 
         recorder.note(preregistration=write_preregistration(recorder.run_dir, record, digest))
 
-    study = Study(handle=subject, data=data, tokens=refusal_tokens, cfg=cfg, sweeper=sweeper, judged_test=judged,
-                  preregister=preregister)
+    study = Study(handle=subject, data=data, tokens=refusal_tokens, cfg=cfg, sweeper=sweeper,
+                  test_generations=test_generations, preregister=preregister)
     yield study
     # where the study's time went, stage by stage (exclusive of nested stages), slowest first
     recorder.note(study_stage_seconds=dict(sorted(study.clock.seconds.items(), key=lambda kv: -kv[1])))
@@ -172,3 +150,15 @@ def _preregistration_in_every_run(recorder, refusal_config, dataset):
     rec = undecided(refusal_config, sizes, {"alias": str(model.get("alias", "")),
                                             "weights_sha256": str(model.get("weights_sha256", ""))})
     recorder.note(preregistration=write_preregistration(recorder.run_dir, rec, stable_hash("preregistration", rec)))
+
+
+# ----------------------------------------------------------------------------- every result is readable
+# (hypotheses/records.py: a phase that saves what the report cannot read fails here, not in the report)
+
+@pytest.fixture(scope="session")
+def recorder(recorder):
+    """The run's recorder, each save and memo read back strictly through its record class before it is
+    written: a result that does not match its class, or a name with no class, fails the test saving it."""
+    from hypotheses.records import Checked
+
+    return Checked(recorder)

@@ -27,8 +27,8 @@ import numpy as np
 from fixtures.config import RefusalConfig
 from hypotheses import claims
 from hypotheses.evidence import Behaviour, Condition
-from hypotheses.structure import Accumulation, CrossCategory, Detection
-from hypotheses.verdicts import Status, Verdict, combine, decide
+from hypotheses.structure import H3_MIN_CATEGORIES, Accumulation, CrossCategory, Detection
+from hypotheses.verdicts import STATUSES, Status, Verdict, combine, decide
 from instruments import stats
 from instruments.direction import DirectionSelection
 
@@ -142,7 +142,7 @@ def measured(claim: str, evidence: str, est: stats.Estimate, cfg: RefusalConfig,
     # (the report and the terminal summary print them beside it)
     if side is not None and not side["ok"] and status != "inconclusive":
         summary += (f" But the ablation also changes the model on harmless prompts ({_side_text(side)}), so the "
-                    f"change is not specific to refusal: inconclusive instead of {status}.")
+                    f"change is not specific to refusal (without that the line would be {status}).")
         status = "inconclusive"
     mde = min_detectable_effect(est, bar, tests=mde_tests)
     return verdict(claim, evidence, status, summary, result=line.result if line else "", cfg=cfg,
@@ -168,7 +168,8 @@ def finish(claim: str, lines: list[Verdict], cfg: RefusalConfig) -> list[Verdict
         if v.status == "refuted" and p is not None and p >= cfg.alpha / 2:
             out[i] = replace(v, status="inconclusive", summary=v.summary + (
                 f" The CI lies below the bar, but not after Holm's correction across {claim}'s "
-                f"{v.numbers['family_size']} lines (adjusted p = {p:.3g} >= {cfg.alpha / 2:g}): inconclusive."))
+                f"{v.numbers['family_size']} lines (adjusted p = {p:.3g} >= {cfg.alpha / 2:g}), so it does not "
+                "refute."))
     return out
 
 
@@ -206,12 +207,21 @@ def no_direction(claim: str, evidence: str, why: str, b: Behaviour, cfg: Refusal
                    result="phase5/direction", cfg=cfg, reason=why)
 
 
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def overall(claim: str, lines: list[Verdict], cfg: RefusalConfig | None = None) -> Verdict:
     """All lines must be supported for a claim to be (an intersection-union test: no multiplicity
     correction is needed for the conjunction); a line refutes only after Holm's correction (:func:`finish`)."""
     status = combine([v.status for v in lines])
-    parts = "; ".join(f"{v.evidence} {v.status}" for v in lines)
-    return verdict(claim, "overall", status, f"Lines of evidence: {parts}.", cfg=cfg,
+    # each status once: "patching and parameters supported; gradients refuted"
+    groups = {s: [v.evidence for v in lines if v.status == s] for s in STATUSES}
+    parts = "; ".join(f"{_and(names)} {s}" for s, names in groups.items() if names)
+    # lines decided for one shared reason (no behaviour, too few categories) carry it up once
+    reasons = {v.summary for v in lines}
+    why = f" The reason{' for each' if len(lines) > 1 else ''}: {lines[0].summary}" if len(reasons) == 1 else ""
+    return verdict(claim, "overall", status, f"Lines of evidence: {parts}.{why}", cfg=cfg,
                    lines={v.evidence: v.status for v in lines})
 
 
@@ -234,7 +244,7 @@ def h1_patching(evidence: str, share: stats.Estimate, k: int, total: int, what: 
     if control is not None and difference is not None:
         summary += f" A matched random set restores {fmt(control)}; difference {fmt(difference)}."
         if status == "supported" and not beats:
-            summary += " The chosen set does not beat the random one: inconclusive."
+            summary += " The chosen set does not beat the random one, so the share is not credited to it."
             status = "inconclusive"
     return measured("H1", evidence, share, cfg, summary, n=share.n, split="test", status=status,
                     control=None if control is None else _control(
@@ -381,14 +391,21 @@ def h3_direction(similarity: stats.Estimate, b: Behaviour, cfg: RefusalConfig) -
                     split="test", control=_control("none: a similarity, held to the bar", "none"))
 
 
+def too_few_categories(categories: tuple[str, ...]) -> str:
+    """Why H3 cannot be measured: ``categories`` are the prompt file's categories its stages can use."""
+    have = f"{len(categories)}: {', '.join(categories)}" if categories else "none"
+    return (f"H3 needs at least {H3_MIN_CATEGORIES} harm categories with train and test pairs (≥1 each); the prompt "
+            f"file has {have}. Add pairs of a second category to the prompt file (--prompts) to test sharing.")
+
+
 def one_category(categories: tuple[str, ...], b: Behaviour, cfg: RefusalConfig) -> list[Verdict]:
-    """H3 on a dataset with fewer than two harm categories: nothing to share between."""
+    """H3 on a dataset with fewer than two usable harm categories: each line inconclusive, saying why."""
+    evidence = (*categories, "direction")
     if not b.present:
-        return [no_behaviour("H3", "direction", b, cfg)]
-    return [verdict("H3", "categories", "inconclusive",
-                    f"The dataset has {len(categories)} harm categor{'y' if len(categories) == 1 else 'ies'} with "
-                    "train and held-out pairs; sharing across categories needs at least two.",
-                    result="h3/cross_category", cfg=cfg, categories=list(categories))]
+        return [no_behaviour("H3", e, b, cfg) for e in evidence]
+    why = too_few_categories(categories)
+    return [verdict("H3", e, "inconclusive", why, result="h3/cross_category", cfg=cfg, categories=list(categories),
+                    reason="too few categories") for e in evidence]
 
 
 # ----------------------------------------------------------------------------- criteria

@@ -14,12 +14,17 @@ from functools import cached_property
 from typing import Any, Callable, Sequence
 
 from fixtures.data import Pair, PromptSet
+from instruments import progress
 from instruments.patching import PatchResult
 
 
 @dataclass(eq=False)
 class StageClock:
-    """Seconds spent in each stage, exclusive of the stages it pulled in (where the time goes)."""
+    """Seconds spent in each stage, exclusive of the stages it pulled in (where the time goes).
+
+    Each stage also shows on the terminal: ``study: <stage>`` when it starts and its time when
+    it ends (:mod:`instruments.progress`).
+    """
 
     seconds: dict[str, float] = field(default_factory=dict)
     timer: Callable[[], float] = time.perf_counter
@@ -30,14 +35,19 @@ class StageClock:
         self._inner.append(0.0)
         self.running.append(name)
         start = self.timer()
-        try:
-            return compute()
-        finally:
-            self.running.pop()
-            total = self.timer() - start
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + total - self._inner.pop(), 3)
-            if self._inner:
-                self._inner[-1] += total
+        # the stage announces itself by name, and its time when it ends
+        with progress.task(f"study: {name.replace('_', ' ')}", None) as shown:
+            try:
+                return compute()
+            finally:
+                self.running.pop()
+                total = self.timer() - start
+                own = total - self._inner.pop()
+                self.seconds[name] = round(self.seconds.get(name, 0.0) + own, 3)
+                if self._inner:
+                    self._inner[-1] += total
+                if total - own >= progress.SHORT_S:
+                    shown.note = f"{progress.duration(own)} without the stages it pulled in"
 
 
 def stage(fn: Callable[[Any], Any]) -> cached_property:

@@ -17,7 +17,7 @@ from fixtures.config import RefusalConfig
 from fixtures.data import Pair
 from hypotheses.evidence import (HarmlessReference, atp_scan, boot_estimate, boot_index, harmful, harmless, percentile,
                                  side_effects, top_heads_of)
-from instruments import behavior, stats
+from instruments import behavior, progress, stats
 from instruments.ablation import AblationSpec, ReferenceActivations, ablation_hooks
 from instruments.components import Head, Pattern, hook_name
 from instruments.metrics import RefusalTokens, refusal_score
@@ -268,6 +268,10 @@ def effect_depth(results: PatchResult | Sequence[PatchResult], cfg: RefusalConfi
 
 # ----------------------------------------------------------------------------- H3: across harm categories
 
+# sharing is measured between categories: a prompt file with fewer usable ones leaves H3 inconclusive
+H3_MIN_CATEGORIES = 2
+
+
 @dataclass(frozen=True, kw_only=True)
 class CrossCategory:
     """Ablate the top heads found on category A; measure refusal on category B's held-out prompts.
@@ -307,7 +311,7 @@ def category_heads(handle, find: dict[str, Sequence[Pair]], tokens: RefusalToken
                    cfg: RefusalConfig) -> dict[str, tuple[Head, ...]]:
     """Each category's top heads by AtP on its own ``find`` (train) pairs."""
     heads: dict[str, tuple[Head, ...]] = {}
-    for c in sorted(find):
+    for c in progress.track(sorted(find), "H3: AtP heads of each category", unit="category", quiet=True):
         heads[c] = top_heads_of(atp_scan(handle, find[c], tokens, cfg).heads, cfg.top_heads)
     return heads
 
@@ -339,7 +343,7 @@ def cross_category(handle, heads: dict[str, tuple[Head, ...]], evaluate: dict[st
     gap = {b: float(clean[where[b]].mean() - benign[where[b]].mean()) for b in categories}
     per: dict[str, dict[str, np.ndarray]] = {}
     side: dict[str, tuple[float, float | None]] = {}
-    for a in categories:
+    for a in progress.track(categories, "H3: each category's heads ablated", unit="category", quiet=True):
         hooks = ablation_hooks(handle, list(heads[a]), spec=AblationSpec(method="mean", batch_size=bs,
                                                                          positions=positions), reference=reference)
         if harmless_ref is not None:
@@ -372,8 +376,9 @@ def category_similarity(diffs: dict[str, torch.Tensor], cfg: RefusalConfig) -> t
     well each category's direction is pinned down by its own prompts.
     """
     cats = sorted(diffs)
-    if len(cats) < 2:
-        raise ValueError("category similarity needs at least two categories")
+    if len(cats) < H3_MIN_CATEGORIES:
+        raise ValueError(f"category similarity needs at least {H3_MIN_CATEGORIES} categories with test pairs, got "
+                         f"{len(cats)}")
 
     def cos_matrix(means: list[torch.Tensor]) -> np.ndarray:
         m = torch.stack(means)

@@ -5,7 +5,9 @@ stages one test at a time and record them) and the self-validation tests (which 
 :func:`run_study` on planted and null models). Each stage is a ``cached_property``: the
 first test that needs the head ranking computes it, later ones reuse it. No stage writes
 files; a long sweep can be routed through a checkpointing ``sweeper`` that the fixture
-supplies (``fixtures.sweeps.run_layer_sweep``).
+supplies (``fixtures.sweeps.run_layer_sweep``). The stages behind the phases' records
+(phases 2 to 5) are :class:`hypotheses.phase_stages.PhaseStages`, and the verdict lines
+:class:`hypotheses.verdict_lines.VerdictLines`, both mixed in here.
 
 Data discipline: components are chosen on TRAIN pairs (AtP over every head and neuron,
 exact verification of the candidates, per-category heads) or TRAIN + VAL (the refusal
@@ -27,12 +29,14 @@ import torch
 
 from fixtures.config import RefusalConfig
 from fixtures.data import Pair
-from hypotheses import claims
 from hypotheses import decisions as d
 from hypotheses import evidence as ev
 from hypotheses import localization as loc
 from hypotheses import structure as st
+from hypotheses.baseline import SplitGenerations
+from hypotheses.phase_stages import PhaseStages
 from hypotheses.stages import StageClock, StudyData, Sweeper, _direct, balanced, stage  # noqa: F401 - re-exported
+from hypotheses.verdict_lines import VerdictLines
 from hypotheses.verdicts import Verdict
 from instruments import gradients, stats
 from instruments.ablation import ReferenceActivations, reference_activations
@@ -51,13 +55,13 @@ SELECTION_STAGES: tuple[str, ...] = (
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class Study:
+class Study(PhaseStages, VerdictLines):
     handle: Any
     data: StudyData
     tokens: RefusalTokens
     cfg: RefusalConfig
     sweeper: Sweeper = field(default=_direct, repr=False)
-    judged_test: tuple[ev.Judged, ev.Judged] | None = None  # (harmful, harmless) test judgements made already
+    test_generations: SplitGenerations | None = field(default=None, repr=False)  # the test split's recorded answers
     preregister: Callable[[dict[str, Any], str], None] | None = field(default=None, repr=False)  # writes the record
     clock: StageClock = field(default_factory=StageClock, repr=False)  # not part of the results
 
@@ -163,9 +167,10 @@ class Study:
 
     @stage
     def category_heads(self) -> dict[str, tuple[Head, ...]]:
-        """Each category's top heads by AtP on all its train pairs (a category without held-out pairs has none)."""
+        """Each category's top heads by AtP on all its train pairs (a category without test pairs has none:
+        H3's direction line compares categories on their test pairs)."""
         find = {c: ev.aligned(self.handle, self.data.category(c, "train"), self.cfg) for c in self.data.categories}
-        held = {c: self.data.category(c, "val", "test") for c in self.data.categories}
+        held = {c: self.data.category(c, "test") for c in self.data.categories}
         return st.category_heads(self.handle, {c: v for c, v in find.items() if v and held[c]}, self.tokens, self.cfg)
 
     @stage
@@ -400,63 +405,7 @@ class Study:
                                        layer=self.refusal_direction.layer, batch_size=self.cfg.batch_size)
         return st.category_similarity(diffs, self.cfg)
 
-    # ------------------------------------------------------------------ verdicts
-    def h1_verdicts(self) -> list[Verdict]:
-        b, f, cfg = self.behaviour, self.cfg.h1_fraction, self.cfg
-        share, total, n_train = self.effect_share, self.pooled.total, len(self.train_pairs)
-        where = ev.positions_label(self.window)
-        lines = [d.h1_patching("patching", share.at("heads+neurons", f), len(self.h1_set), total,
-                               f"the top {f:.0%} of heads + neurons by count", b, cfg, n_train=n_train, positions=where,
-                               control=share.controls["heads+neurons"], difference=share.differences["heads+neurons"]),
-                 d.h1_patching("parameters", share.at("parameters", f), len(self.h1_parameter_set), total,
-                               f"the top heads + neurons within {f:.0%} of their parameters", b, cfg,
-                               n_train=n_train, positions=where, control=share.controls["parameters"],
-                               difference=share.differences["parameters"]),
-                 d.h1_ablation(self.h1_ablation, self.h1_control,
-                               loc.drop_difference(self.h1_ablation, self.h1_control, cfg), b, cfg),
-                 d.h1_gradients(self.gradient_share, len(self.h1_set), total, b, cfg,
-                                control=self.gradient_share_control)]
-        lines = d.finish("H1", lines, cfg)
-        return lines + [d.overall("H1", lines, cfg)]
-
-    def h2_verdicts(self) -> list[Verdict]:
-        b = self.behaviour
-        unusable = self.direction_unusable
-        direction = (d.no_direction("H2", "direction", unusable, b, self.cfg) if unusable
-                     else d.h2_direction(self.accumulation, b, self.cfg))
-        lines = [d.h2_attention(self.detection, b, self.cfg), direction, d.h2_patching(self.depth, b, self.cfg)]
-        lines = d.finish("H2", lines, self.cfg)
-        return lines + [d.overall("H2", lines, self.cfg)]
-
-    def h3_verdicts(self) -> list[Verdict]:
-        b = self.behaviour
-        if len(self.category_heads) < 2:
-            lines = d.one_category(tuple(self.category_heads), b, self.cfg)
-            return lines + [d.overall("H3", lines, self.cfg)]
-        lines = d.h3_categories(self.cross_category, b, self.cfg)
-        unusable = self.direction_unusable
-        lines.append(d.no_direction("H3", "direction", unusable, b, self.cfg) if unusable
-                     else d.h3_direction(self.category_similarity[1], b, self.cfg))
-        lines = d.finish("H3", lines, self.cfg)
-        return lines + [d.overall("H3", lines, self.cfg)]
-
-    def criteria_verdicts(self) -> list[Verdict]:
-        b, cfg = self.behaviour, self.cfg
-        return [d.c1_heads(self.verified, b, cfg),
-                d.c2_ablation(self.circuit_ablation, self.circuit_control,
-                              loc.drop_difference(self.circuit_ablation, self.circuit_control, cfg), b, cfg),
-                d.s1_gradients(self.gradient_vs_patching, self.verified.n_pairs, b, cfg)]
-
-    def gated_verdicts(self) -> list[Verdict]:
-        """Every line of the claims table as inconclusive, measuring nothing: no refusal to explain."""
-        b, out = self.behaviour, []
-        for claim in claims.CLAIMS:
-            if not claim.in_study:
-                continue
-            group = [d.no_behaviour(claim.id, e, b, self.cfg) for e in claim.evidence(self.data.categories)]
-            out += group + ([d.overall(claim.id, group, self.cfg)] if claim.combined else [])
-        return out
-
+    # ------------------------------------------------------------------ verdicts (hypotheses.verdict_lines)
     @stage
     def verdicts(self) -> tuple[Verdict, ...]:
         from dataclasses import replace

@@ -38,7 +38,7 @@ def test_organism_meets_its_bar(organism_manifest, check, recorder):
     # Version 7 meets every check, so a recipe or data change that misses one fails CI (it was an
     # XFAIL with its number until then). Rebuilt organisms are measured afresh: nothing is pinned.
     assert result["met"], (f"organism misses its bar on {check}: {result['value']} (needs {result['op']} "
-                           f"{result['threshold']}); see the README's organism section for the recipe history")
+                           f"{result['threshold']}); see docs/organism.md for the recipe history")
 
 
 def test_organism_card_and_build_time(organism_manifest, recorder):

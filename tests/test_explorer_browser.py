@@ -1,8 +1,8 @@
 """End to end: the explorer served by `streamlit run` on loopback, driven in headless Chromium.
 
-On the organism with a small run directory built here from the instruments (a refusal
-direction from 8 train pairs, chosen by phase 5's select_direction; heads and neurons ranked by
-attribution patching on 4 pairs), the test types a harmful prompt, sees a high refusal
+On the organism with a small run directory recorded here through the phases' own stages (a
+study on 8 train, 4 val and 4 test pairs: the refusal direction, heads and neurons chosen as
+the phases choose them), the test types a harmful prompt, sees a high refusal
 probability and a refusal, ablates the run's top components and the direction, and sees
 the probability the instruments compute for that ablation, lower than before. It measures
 (never asserts) the latency of non-generating interactions and the time to the first
@@ -23,17 +23,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 from fixtures.config import RefusalConfig
 from fixtures.data import load_prompts
 from fixtures.recording import Recorder
 from fixtures.storage import REPO_ROOT
 from instruments import ablation, behavior, metrics
-from instruments.components import Head, Neuron, from_json, label, to_json
-from instruments.direction import DirectionSpec, candidate_directions, layer_projections, select_direction
-from instruments.patching import PatchSpec, attribution_patch
-from instruments.positions import post_instruction_length
+from instruments.components import from_json
 
 # one intra-op thread here (restored afterwards), so the Streamlit server has the other core
 pytestmark = [pytest.mark.explorer, pytest.mark.browser, pytest.mark.integration, pytest.mark.phase6,
@@ -56,58 +52,41 @@ def _require_browser():
         pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
 
 
+# the study's sizes for this small run: one train pair per category, 4 val and 4 test pairs
+SIZES = {"train": 8, "val": 4, "test": 4}
+# records the explorer reads, each as its phase test saves it (hypotheses.phase_stages.PHASE_RECORDS)
+EXPLORER_RECORDS = ("phase2/first_token", "phase2/logit_lens", "phase2/attention_entropy", "phase3/heads",
+                    "phase3/neurons", "phase5/direction")
+
+
 def build_run(handle, path: Path) -> dict:
-    """A cheap run directory of the organism per reports/SCHEMA.md; returns facts for the test."""
-    pairs = load_prompts().split("train")[::10][:8]  # spread over the categories
-    harmful, harmless = [p.harmful for p in pairs], [p.harmless for p in pairs]
+    """A small run of the organism recorded through the phases' own path: a study on a few pairs of
+    each split (refusal tokens from the train answers, as the phases find them), each record saved
+    from the stage its phase test saves it from. Returns facts for the test."""
+    from hypotheses import records
+    from hypotheses.baseline import OPENING_TOKENS
+    from hypotheses.phase_stages import PHASE_RECORDS
+    from hypotheses.study import Study, StudyData, balanced
+
+    dataset = load_prompts()
+    splits = {split: balanced(dataset.split(split), n) for split, n in SIZES.items()}
+    data = StudyData(**splits, categories=dataset.categories)
+    cfg = RefusalConfig(model="organism", device="cpu", patch_pairs=SIZES["train"], sweep_pairs=2, neuron_pairs=2,
+                        head_candidates=TOP, top_heads=TOP, top_neurons=TOP, n_bootstrap=200, direction_positions=1,
+                        direction_val_pairs=SIZES["val"])
+    answers = {side: behavior.generate(handle, [getattr(p, side) for p in data.train], max_new_tokens=OPENING_TOKENS,
+                                       batch_size=cfg.batch_size) for side in ("harmful", "harmless")}
+    tokens = metrics.tokens_from_generations(handle.tokenizer, answers["harmful"], answers["harmless"])
+    study = Study(handle=handle, data=data, tokens=tokens, cfg=cfg)
     rec = Recorder(run_dir=path)
     rec.note(model=handle.describe(), config={"model": "organism"})
-    # refusal tokens as the phases find them: the model's own openings
-    gh = behavior.generate(handle, harmful, max_new_tokens=6)
-    gs = behavior.generate(handle, harmless, max_new_tokens=6)
-    tokens = metrics.tokens_from_generations(handle.tokenizer, gh, gs)
-    decode = handle.tokenizer.decode
-    rec.save("phase2/first_token", numbers={"refusal_tokens": [decode([t]) for t in tokens.refusal_ids],
-                                            "compliance_tokens": [decode([t]) for t in tokens.compliance_ids],
-                                            "token_source": tokens.source})
-    # the direction: difference in means at the last template token, chosen by phase 5's own
-    # select_direction with the suite's default thresholds, on these 8 train pairs (no
-    # validation split). A fixed middle layer worked for organism v5 but not v6, whose
-    # layer-15 direction removes almost nothing, and the lowest bypass alone picked layer 1,
-    # which "worked" by breaking the model: where the direction lives is the model's
-    # business, not this test's, which checks the explorer against the instruments.
-    cfg = RefusalConfig()
-    spec = DirectionSpec(n_positions=1, kl_threshold=cfg.direction_kl, induce_threshold=cfg.direction_induce,
-                         prune_layer_fraction=cfg.direction_prune)
-    cands = candidate_directions(handle, harmful, harmless, spec=spec)
-    chosen = select_direction(handle, cands, harmful_val=harmful, harmless_val=harmless, tokens=tokens, spec=spec)
-    unit, layer = chosen.direction.tensor(), chosen.layer
-    rec.save("phase5/direction", numbers={"layer": layer, "pos": -1, "meets_thresholds": chosen.meets_thresholds},
-             arrays={"direction": unit, "projection.harmful": layer_projections(handle, harmful, unit),
-                     "projection.harmless": layer_projections(handle, harmless, unit)})
-    # heads and neurons ranked by attribution patching (denoising: harmless run, harmful activations)
-    atp = attribution_patch(handle, harmful[:4], harmless[:4], lambda lg: metrics.refusal_score(lg, tokens),
-                            PatchSpec(max_batch=8, positions=post_instruction_length(handle)))
-    heads = atp.heads.mean(-1)
-    order = heads.abs().flatten().topk(TOP).indices.tolist()
-    ranking = []
-    for i in order:
-        h = Head(layer=atp.layers[i // handle.n_heads], head=i % handle.n_heads)
-        effect = float(atp.normalized(atp.heads[h.layer, h.head]))
-        ranking.append({"component": to_json(h), "label": label(h), "effect": effect, "low": None, "high": None,
-                        "atp": float(heads[h.layer, h.head])})
-    rec.save("phase3/heads", numbers={"ranking": ranking, "n_heads": handle.n_layers * handle.n_heads, "n_pairs": 4})
-    neurons = atp.neurons.mean(-1)
-    catalogue = []
-    for rank, i in enumerate(neurons.abs().flatten().topk(TOP).indices.tolist()):
-        n = Neuron(layer=atp.layers[i // handle.d_mlp], index=i % handle.d_mlp)
-        catalogue.append({"component": to_json(n), "label": label(n), "rank": rank,
-                          "atp": float(neurons[n.layer, n.index]), "top_examples": []})
-    rec.save("phase3/neurons", numbers={"catalogue": catalogue})
-    return {"tokens": tokens, "meets_thresholds": chosen.meets_thresholds, "layer": layer,
-            "direction": chosen.direction,
-            "heads": [from_json(r["component"]) for r in ranking],  # in the run's order
-            "neurons": [from_json(n["component"]) for n in catalogue]}
+    for name in EXPLORER_RECORDS:
+        records.save(rec, getattr(study, PHASE_RECORDS[name]).record(), name)
+    sel = study.direction[1]
+    return {"tokens": tokens, "meets_thresholds": sel.meets_thresholds, "layer": sel.layer, "direction": sel.direction,
+            # as the explorer reads them: in the run's order
+            "heads": [from_json(r["component"]) for r in rec.load("phase3/heads").numbers["ranking"]],
+            "neurons": [from_json(n["component"]) for n in rec.load("phase3/neurons").numbers["catalogue"]]}
 
 
 def _free_port() -> int:

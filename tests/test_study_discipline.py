@@ -3,7 +3,8 @@ and the pre-registration is made before any stage scores one (issue 18).
 
 A spy around the planted model's handle records every prompt the study encodes, with the
 study stage that asked for it (the innermost running stage). Every stage and every verdict
-is computed, so a selection stage that sneaks a test prompt in fails here.
+is computed, so a selection stage that sneaks a test prompt in fails here; so is every
+stage behind a phase record, phase 2's first (as in a pytest run), the rest after the verdicts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import pytest
 
 from fixtures.planted import build_planted, selfvalidation_config
+from hypotheses.phase_stages import BASELINE_STAGES, PHASE_RECORDS, PHASE_STAGES
 from hypotheses.study import SELECTION_STAGES, StudyData, run_study
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
@@ -39,13 +41,23 @@ def spied():
     log: list = []
     events: list = []
     spy = Spy(planted.handle, log)
+    from hypotheses.baseline import SplitGenerations
+    from hypotheses.evidence import harmful, harmless
     from hypotheses.study import Study
+    from instruments.behavior import generate
 
     data = StudyData.from_prompt_set(planted.dataset)
-    study = Study(handle=spy, data=data, tokens=planted.tokens, cfg=selfvalidation_config(),
+    # the recorded answers phase 2's rates read (the planted model writes bytes; a few suffice)
+    answers = SplitGenerations(harmful=generate(planted.handle, harmful(data.test), max_new_tokens=2),
+                               harmless=generate(planted.handle, harmless(data.test), max_new_tokens=2))
+    study = Study(handle=spy, data=data, tokens=planted.tokens, cfg=selfvalidation_config(), test_generations=answers,
                   preregister=lambda record, digest: events.append((len(log), record, digest)))
     spy.clock = study.clock
+    for name in BASELINE_STAGES:  # phase 2 runs first and chooses nothing
+        getattr(study, name)
     study.verdicts  # noqa: B018 - every stage
+    for name in PHASE_STAGES:
+        getattr(study, name)
     return study, log, events, data
 
 
@@ -67,9 +79,10 @@ def test_the_preregistration_comes_before_any_test_pair_is_scored(spied):
     assert len(events) == 1, "the pre-registration is made once"
     at, record, digest = events[0]
     test = _test_prompts(data)
-    # the behaviour gate reads the test split to decide whether there is refusal to explain at all;
-    # it chooses nothing (in a pytest run it reads phase 2's judgements and encodes nothing)
-    before = [stage for stage, prompts in log[:at] if test & set(prompts) and stage != "behaviour"]
+    # the behaviour gate reads the test split to decide whether there is refusal to explain at all, and
+    # phase 2 describes it; neither chooses anything (in a pytest run the gate reads phase 2's judgements)
+    allowed = {"behaviour", *BASELINE_STAGES}
+    before = [stage for stage, prompts in log[:at] if test & set(prompts) and stage not in allowed]
     assert not before, f"stages scored test pairs before the pre-registration: {sorted(set(before))}"
     assert any(test & set(prompts) for _, prompts in log[at:]), "the study scores test pairs after it"
     assert all(v.numbers["preregistration"] == digest for v in study.verdicts)
@@ -78,6 +91,38 @@ def test_the_preregistration_comes_before_any_test_pair_is_scored(spied):
     bars = {(ln["claim"], ln["evidence"]): ln["bar"] for ln in record["lines"]}
     assert bars[("H1", "patching")] == study.cfg.h1_share and bars[("C2", "ablation")] == study.cfg.ablation_drop
     json.dumps(record)  # the record is JSON as it is
+
+
+def test_every_phase_record_comes_from_a_stage(spied):
+    """Each phase stage ran (the manifest's study_stage_seconds names it) and its record, under the
+    name the table gives it, reads back strictly through its record class (what a phase's save checks)."""
+    from hypotheses import records
+
+    study, log, _, _ = spied
+    assert set(PHASE_STAGES) <= set(study.clock.seconds), sorted(set(PHASE_STAGES) - set(study.clock.seconds))
+    assert not set(PHASE_STAGES) & set(SELECTION_STAGES), "a phase record chooses nothing"
+    for name, stage in PHASE_RECORDS.items():
+        result = getattr(study, stage).record()
+        assert result.NAME == name, (stage, result.NAME)
+        records.check(name, **{part: value for part, value in result.to_record().items() if value})
+    # phase 2's stages read the test split and nothing else (the rates read the recorded answers only)
+    test = _test_prompts(spied[3])
+    for name in BASELINE_STAGES:
+        read = [set(prompts) for stage, prompts in log if stage == name]
+        assert all(r <= test for r in read), f"{name} reads prompts outside the test split"
+        assert bool(read) == (name in ("first_token", "logit_lens", "attention_entropy")), name
+
+
+def test_each_phase_test_saves_its_stage():
+    """The table a run built outside pytest records through names the stage each phase test saves."""
+    from pathlib import Path
+
+    import hypotheses
+
+    source = "".join(p.read_text() for p in sorted(Path(hypotheses.__file__).parent.glob("test_phase*.py")))
+    for name, stage in PHASE_RECORDS.items():
+        assert f"study.{stage}\n" in source, f"no phase test reads study.{stage} (recorded as {name})"
+    assert source.count("records.save(recorder, ") >= len(PHASE_RECORDS)
 
 
 def test_a_changed_preregistration_is_kept_and_reported(tmp_path):
