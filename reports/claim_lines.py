@@ -106,7 +106,7 @@ def side_effect(numbers: Mapping[str, Any]) -> str | None:
     ce = se.get("answer_ce_increase")
     ce_text = "CE not measured" if ce is None else f"CE {fmt.signed(ce)} nats"
     verdict = ("within the limit" if se.get("ok") else
-               "OVER the limit, so the line is inconclusive whatever its estimate" if se.get("ok") is False else
+               "OVER the limit, so its estimate cannot decide the line" if se.get("ok") is False else
                "not judged")
     return (f"Side effect on harmless prompts: KL {fmt.number(se.get('kl_harmless'))} nats, {ce_text} (limit "
             f"{fmt.number(se.get('max_kl'))} / {fmt.number(se.get('max_ce'))}): {verdict}")
@@ -127,13 +127,15 @@ def p_values(numbers: Mapping[str, Any]) -> str | None:
     return "; ".join(parts) + correction
 
 
-def brief(line: VerdictLine, ctx: RunContext) -> str:
-    """A line in the verdict table: status, the estimate the bar is held to, n and what it detects."""
+def brief(line: VerdictLine, ctx: RunContext, *, status: bool = True) -> str:
+    """A line in the verdict table: its status in lower case (the claim's is the capitalised one; left
+    out with ``status=False``), the estimate the bar is held to, n and what it detects."""
     numbers = line.numbers
     on_diff = _on_difference(numbers)
     decided = numbers["control"].get("difference") if on_diff else numbers.get("estimate")
+    name = f"{line.evidence} {line.status}" if status else line.evidence
     if decided is None and numbers.get("n") is None:  # an older line: its own sentence is all there is
-        return f"{line.evidence} {word(line.status)}: {strip_status(line.summary, line.claim)}"
+        return f"{name}: {strip_status(line.summary, line.claim)}"
     what = "difference from the control " if on_diff else ""
     parts = [f"{what}{_est(decided)}" if decided is not None else "", _bar(numbers) if "bar" in numbers else "",
              sample(numbers) or ""]
@@ -142,7 +144,7 @@ def brief(line: VerdictLine, ctx: RunContext) -> str:
         parts.append("side effect OVER the limit")
     if line_warning(numbers, ctx):
         parts.append("pre-registration MISMATCH")
-    return f"{line.evidence} {word(line.status)}: " + "; ".join(p for p in parts if p)
+    return f"{name}: " + "; ".join(p for p in parts if p)
 
 
 def details(line: VerdictLine, ctx: RunContext) -> str:

@@ -1,25 +1,27 @@
 """The front of the write-up: verdict table, abstract, introduction, methodology, claim evidence.
 
-Prose is assembled from the run's results and configuration: a status is always spelled
-out in capitals ("H1 is REFUTED: ..."), thresholds come from the recorded config, and a
-number appears only through reports.fmt, with its interval.
+Prose is assembled from the run's results and configuration: a claim's status is spelled
+out in capitals once ("H1 is REFUTED: ..."; its lines' statuses in lower case), thresholds
+come from the recorded config, and a number appears only through reports.fmt, with its interval.
 """
 
 from __future__ import annotations
 
 from typing import Mapping
 
+from hypotheses.verdicts import STATUSES
 from reports import claim_lines, fmt, preregistration
 from reports.claim_lines import STATUS_WORD, strip_status, word  # noqa: F401 - STATUS_WORD is imported from here
 from reports.context import KNOWN_RESULTS, ClaimRow, RunContext, anchor
 from reports.document import Block, Inline, Section, Span, bullets, cell, para, spans, table
 
+
 def _status_head(row: ClaimRow) -> str:
-    how = " (combined from its lines of evidence)" if row.combined else ""
+    """``H1 is REFUTED``; for the criteria and stretch goals supported means met (hypotheses/decisions.py)."""
+    head = f"{row.claim} is {word(row.status)}"
     if row.claim[:1] in ("C", "S") and row.status in ("supported", "refuted"):
-        # for the criteria and stretch goals, supported means met (hypotheses/decisions.py)
-        how += " (criterion met)" if row.status == "supported" else " (criterion not met)"
-    return f"{row.claim} is {word(row.status)}{how}"
+        head += " (met)" if row.status == "supported" else " (not met)"
+    return head
 
 
 def _lists_lines(row: ClaimRow) -> bool:
@@ -28,32 +30,53 @@ def _lists_lines(row: ClaimRow) -> bool:
     return overall is not None and isinstance(overall.numbers.get("lines"), Mapping) and bool(row.evidence_lines)
 
 
-def _tally(row: ClaimRow) -> str:
-    counts: dict[str, int] = {}
+def _tallied(row: ClaimRow) -> str:
+    """``H1 is INCONCLUSIVE: of its 4 lines of evidence, 2 are supported, 1 refuted and 1 inconclusive.``"""
+    counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
     for line in row.evidence_lines:
         counts[line.status] = counts.get(line.status, 0) + 1
+    counts = {s: k for s, k in counts.items() if k}
     n = len(row.evidence_lines)
-    return f"{n} line{'' if n == 1 else 's'} of evidence, " + ", ".join(f"{k} {word(s)}" for s, k in counts.items())
+    if list(counts) == [row.status]:  # every line agrees with the claim: its status once
+        return f"{_status_head(row)} on {'its one line' if n == 1 else f'all {n} of its lines'} of evidence."
+    (status, k), *rest = counts.items()
+    parts = [f"{k} {'is' if k == 1 else 'are'} {status}"] + [f"{k} {s}" for s, k in rest]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{_status_head(row)}: of its {n} line{'' if n == 1 else 's'} of evidence, {listed}."
+
+
+def _joined(head: str, rest: str) -> str:
+    rest = rest.strip()
+    if not rest:
+        return f"{head}."
+    text = f"{head} {rest}" if rest.startswith("(") else f"{head}: {rest}"
+    return text if text.endswith((".", "!", "?")) else f"{text}."
 
 
 def status_sentence(row: ClaimRow) -> str:
-    """``H1 is REFUTED: <summary>``; the words carry the verdict, colour only repeats it."""
+    """``H1 is REFUTED: <why>``, the status said once; the words carry the verdict, colour only repeats it."""
     if row.status == "missing":
         return f"{row.claim} was NOT EVALUATED: no verdict was recorded in this run."
-    if _lists_lines(row):  # a tally, since each line is shown with its own numbers beside it
-        return f"{_status_head(row)}: {_tally(row)}."
-    rest = strip_status(row.summary, row.claim)
-    return f"{_status_head(row)}: {rest}" if rest else f"{_status_head(row)}."
+    lines = row.evidence_lines
+    if _lists_lines(row) or (row.combined and len(lines) > 1):  # a tally: each line follows with its numbers
+        return _tallied(row)
+    if row.combined and len(lines) == 1:  # the claim is its one line: that line's sentence, without its status
+        return _joined(_status_head(row), strip_status(lines[0].summary, row.claim))
+    return _joined(_status_head(row), strip_status(row.summary, row.claim))
 
 
 def _why(row: ClaimRow, ctx: RunContext) -> str:
-    """The verdict table's reason: the claim's sentence, then each line once, briefly."""
+    """The verdict table's reason: the claim's status once, then each line once, briefly."""
     lines = row.evidence_lines
-    briefs = "; ".join(claim_lines.brief(line, ctx) for line in lines)
-    if lines and (row.combined or _lists_lines(row)):  # the lines are the reason: a list of them would repeat them
+    if not lines:
+        return status_sentence(row)
+    if len(lines) == 1 and lines[0].status == row.status:  # the line's status is the claim's: not said again
+        briefs = claim_lines.brief(lines[0], ctx, status=False)
+    else:
+        briefs = "; ".join(claim_lines.brief(line, ctx) for line in lines)
+    if row.combined or _lists_lines(row):  # the lines are the reason: a list of them would repeat them
         return f"{_status_head(row)}: {briefs}"
-    text = status_sentence(row)
-    return f"{text.rstrip('.')}. Lines: {briefs}" if lines else text
+    return f"{status_sentence(row).rstrip('.')}. Lines: {briefs}"
 
 
 def _result_link(name: str) -> Span:

@@ -363,3 +363,62 @@ def test_c3_is_refuted_by_a_different_rerun_or_missing_provenance():
     assert d.c3_reproducibility(False, prov, CFG).status == "refuted"
     missing = d.c3_reproducibility(True, {**prov, "git_commit": None}, CFG)
     assert missing.status == "refuted" and missing.numbers["missing_provenance"] == ["git_commit"]
+
+
+# ----------------------------------------------------------------------------- H3 on a prompt file too small for it
+
+def test_a_prompt_file_with_one_category_leaves_h3_inconclusive_and_says_why():
+    from hypotheses import claims
+
+    lines = d.one_category(("weapons",), behaviour(True), CFG)
+    assert [v.evidence for v in lines] == list(claims.claim("H3").evidence(("weapons",)))  # the table's lines
+    why = ("H3 needs at least 2 harm categories with train and test pairs (≥1 each); the prompt file has 1: weapons. "
+           "Add pairs of a second category to the prompt file (--prompts) to test sharing.")
+    assert all(v.status == "inconclusive" and v.summary == why for v in lines)
+    top = d.overall("H3", lines, CFG)
+    assert top.status == "inconclusive"
+    assert top.summary == f"Lines of evidence: weapons and direction inconclusive. The reason for each: {why}"
+    none = d.one_category((), behaviour(True), CFG)
+    assert [v.evidence for v in none] == ["direction"] and "the prompt file has none." in none[0].summary
+    assert [v.evidence for v in d.one_category(("weapons",), behaviour(False), CFG)] == ["weapons", "direction"]
+
+
+def test_h3_uses_only_categories_with_train_and_test_pairs(monkeypatch):
+    """The study's H3 stage: a category without test pairs is left out (its direction cannot be compared)."""
+    from hypotheses.study import Study, StudyData
+
+    monkeypatch.setattr(ev, "aligned", lambda handle, pairs, cfg: tuple(pairs))
+    monkeypatch.setattr(st, "category_heads", lambda handle, find, tokens, cfg: {c: () for c in sorted(find)})
+    pairs = [Pair(id=f"{c}{s}{i}", category=c, topic=f"{c}{s}{i}", split=s, harmful="h", harmless="s")
+             for c, splits in (("a", ("train", "val", "test")), ("b", ("train", "val")), ("c", ("train",)))
+             for s in splits for i in range(4)]
+    split = {s: tuple(p for p in pairs if p.split == s) for s in ("train", "val", "test")}
+    data = StudyData(**split, categories=("a", "b", "c"))
+    study = Study(handle=None, data=data, tokens=None, cfg=CFG)
+    assert tuple(study.category_heads) == ("a",)
+    assert "the prompt file has 1: a." in d.one_category(tuple(study.category_heads), behaviour(True), CFG)[0].summary
+
+
+def test_decision_sentences_do_not_restate_their_status():
+    """The status is the verdict's own field, printed beside the sentence; the sentence says why."""
+    import re
+
+    from scipy.stats import norm
+
+    b = behaviour(True)
+    z = norm.ppf(0.975)
+    just = est(0.8 - 2.05 * 0.05, 0.8 - 2.05 * 0.05 - z * 0.05, 0.8 - 2.05 * 0.05 + z * 0.05)
+    held_by_holm = d.finish("H1", [_h1(just)] + [d.h1_gradients(est(0.9, 0.85, 0.95), 3, 64, b, CFG)] * 3, CFG)[0]
+    not_beaten = _h1(est(0.9, 0.85, 0.95), control=est(0.9, 0.85, 0.95), difference=est(0.0, -0.05, 0.05))
+    side = _ablation("C2", _condition(0.11), _condition(0.01, drop_to=10, name="random"))
+    one = d.one_category(("weapons",), b, CFG)
+    lines = [held_by_holm, not_beaten, side, *one, d.overall("H3", one, CFG),
+             d.overall("H1", [held_by_holm, not_beaten], CFG)]
+    assert [v.status for v in lines[:3]] == ["inconclusive"] * 3
+    for v in lines:
+        assert f"{v.claim} is {v.status.upper()}" not in v.summary and f"{v.claim} is {v.status}" not in v.summary
+        if v.evidence == "overall":  # it lists its lines' statuses, each once
+            listed = v.summary.split(" The reason")[0]
+            assert all(listed.count(s) <= 1 for s in ("supported", "refuted", "inconclusive")), v.summary
+        else:
+            assert not re.search(rf"\b{v.status}\b\W*$", v.summary, re.I), v.summary  # no closing ": inconclusive."

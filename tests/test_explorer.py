@@ -20,6 +20,7 @@ from instruments import behavior, metrics
 from instruments.ablation import AblationSpec, ablated, ablation_hooks
 from instruments.components import Head, Neuron, Pattern, hook_name, label, to_json
 from instruments.direction import layer_projections
+from reports import fmt
 from reports.app import charts
 from reports.app.probe import check_prompt, parse_components, tokens_from_strings
 from reports.app.rundata import RunError, load_run
@@ -248,6 +249,25 @@ def test_layer_view_matches_the_instruments(page, tiny, run_dir, run_tokens):
     assert torch.allclose(torch.tensor(table["projection"].values), projection.double(), atol=1e-5)
     assert torch.allclose(torch.tensor(table["entropy"].values), entropy.double(), atol=1e-5)
     assert len(page.get("plotly_chart")) == 4
+    # the numbers stay numbers (sortable); what the page shows is each formatted by reports.fmt.number
+    shown = _display_values(page.dataframe[0])
+    for column in ("P(refusal) lens", "entropy", "projection"):
+        assert list(shown[column]) == [fmt.number(x) for x in table[column]], column
+    assert list(shown["layer"]) == [str(i) for i in range(tiny.n_layers)]
+
+
+def _display_values(frame):
+    """What a styled st.dataframe shows in each cell (the table's display values, as text)."""
+    from streamlit import dataframe_util
+
+    return dataframe_util.convert_arrow_bytes_to_pandas_df(frame.proto.arrow_data.styler.display_values).astype(str)
+
+
+def test_small_probabilities_read_in_scientific_notation():
+    assert fmt.number(1e-14) == "1.00e-14" and fmt.number(0.00000000000001) != "0.00000000000001"
+    assert fmt.number(2.5e-4) == "2.50e-04" and fmt.number(-3e-7) == "-3.00e-07"
+    assert [fmt.number(x) for x in (0.001, 0.5, 0.123456, 12.34, 999.0)] == ["0.001", "0.5", "0.123", "12.3", "999"]
+    assert fmt.number(1234.5) == "1.23e+03" and fmt.number(0.0) == "0" and fmt.number(float("nan")) == "n/a"
 
 
 def test_circuit_view_lights_up_the_run_components(page, tiny):

@@ -60,6 +60,53 @@ def test_hub_id_missing_offline_names_cache_and_fix(monkeypatch):
     assert f"huggingface-cli download {name}" in message and "pass a local folder to --model" in message
 
 
+def _connection_errors():
+    """The ways huggingface_hub reports a hub it cannot reach: its transport's errors, sockets, its own wrapper."""
+    import errno
+
+    import httpx
+    import requests
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    wrapped = LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub")
+    wrapped.__cause__ = httpx.ConnectError("[Errno -2] Name or service not known")
+    return [httpx.ConnectError("[Errno -2] Name or service not known"),
+            requests.ConnectionError("Max retries exceeded with url: /api/models/someone/does-not-exist"),
+            OSError(errno.ENETUNREACH, "Network is unreachable"), wrapped]
+
+
+@pytest.mark.parametrize("failure", _connection_errors(), ids=lambda e: type(e).__module__ + "." + type(e).__name__)
+def test_hub_id_without_network_names_id_and_fixes(monkeypatch, failure):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise failure
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    name = "someone/does-not-exist"
+    with pytest.raises(ModelLoadError) as err:
+        load_model(_cfg(name))
+    message = str(err.value)
+    assert f"cannot load {name!r}" in message and "the Hugging Face hub cannot be reached" in message
+    assert "local model folder to --model" in message and "HF_HUB_OFFLINE=1 with a cached copy" in message
+    assert "where the hub can be reached" in message
+    # the transport's own traceback is not chained onto the message
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_hub_failure_other_than_network_keeps_its_reason(monkeypatch):
+    import huggingface_hub
+
+    def broken(*args, **kwargs):
+        raise ValueError("revision main has no config")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
+    with pytest.raises(ModelLoadError, match="could not fetch someone/model .*revision main has no config"):
+        load_model(_cfg("someone/model"))
+
+
 def test_model_alias_is_filesystem_safe():
     assert model_alias("tiny") == "tiny"
     assert model_alias("meta-llama/Llama-3-8B") == "meta-llama--Llama-3-8B"

@@ -84,9 +84,10 @@ def test_verdict_table_leads_with_each_claim_and_its_status(complete):
     assert list(rows) == ["H1", "H2", "H3", "C1", "C2", "C3"]
     for claim, status in DEFAULT_VERDICTS.items():
         assert rows[claim][0] == STATUS_WORDS[status]
-        met = {"supported": " (criterion met)", "refuted": " (criterion not met)"}.get(status, "")
+        met = {"supported": " (met)", "refuted": " (not met)"}.get(status, "")
         extra = met if claim.startswith("C") else ""
-        assert rows[claim][1].startswith(f"{claim} is {STATUS_WORDS[status]}{extra}: overall, {claim} is {status}")
+        assert rows[claim][1].startswith(f"{claim} is {STATUS_WORDS[status]}{extra}: its lines' effects lie in "
+                                         "0.30-0.55 against a bar of 0.6. Lines: ")
     # the table comes before the abstract, and each row links to its evidence section
     assert page.index('id="verdict-table"') < page.index('id="abstract"')
     for claim in rows:
@@ -97,7 +98,7 @@ def test_verdict_table_leads_with_each_claim_and_its_status(complete):
 def test_refuted_hypothesis_reads_as_refuted(complete):
     _, page, md = complete
     text = htmllib.unescape(re.sub(r"<[^>]+>", "", page))
-    assert "H2 is REFUTED: overall, H2 is refuted" in text
+    assert "H2 is REFUTED: its lines' effects lie in 0.30-0.55 against a bar of 0.6." in text
     assert "H2 is REFUTED" in md and "We find no separation" in md
     assert "H2 is SUPPORTED" not in text and "H2 is SUPPORTED" not in md
 
@@ -244,15 +245,21 @@ def test_overall_is_combined_from_the_lines_when_absent(tmp_path):
     _, page, md = render(build_run(tmp_path, verdicts={"H1": "refuted", "C1": "supported"}, overall=False))
     rows = html_verdicts(page)
     status, why = rows["H1"]
-    assert status == "REFUTED" and why.startswith("H1 is REFUTED (combined from its lines of evidence): patching "
-                                                  "REFUTED: 0.42 [95% CI 0.3, 0.54]; bar 0.8 (supported above it); "
-                                                  "n = 40 (test) detects a true value ≥ 0.95 with 80% power; ")
+    assert status == "REFUTED" and why.startswith("H1 is REFUTED: patching refuted: 0.42 [95% CI 0.3, 0.54]; bar 0.8 "
+                                                  "(supported above it); n = 40 (test) detects a true value ≥ 0.95 "
+                                                  "with 80% power; ")
     # each line once, in the claims table's order, the ablation line held to its difference from the control
-    assert [why.count(f"{e} REFUTED") for e in ("patching", "parameters", "ablation", "gradients")] == [1] * 4
-    assert why.index("parameters REFUTED") < why.index("ablation REFUTED: difference from the control") \
-        < why.index("gradients REFUTED")
-    assert "H1 patching line is refuted" not in why  # the lines' own sentences are in the claim's section
-    assert rows["C1"][0] == "SUPPORTED"
+    assert [why.count(f"{e} refuted") for e in ("patching", "parameters", "ablation", "gradients")] == [1] * 4
+    assert why.index("parameters refuted") < why.index("ablation refuted: difference from the control") \
+        < why.index("gradients refuted")
+    assert "The patching effect is" not in why  # the lines' own sentences are in the claim's section
+    assert why.count("REFUTED") == 1 and "combined from" not in why
+    # a criterion with one line: its status and the met / not met gloss once, the line named without repeating it
+    assert rows["C1"] == ("SUPPORTED", "C1 is SUPPORTED (met): patching: 12 [95% CI 11.9, 12.1]; bar 10 (supported "
+                                       "above it); n = 40 (test) detects a true value ≥ 10.2 with 80% power")
+    claim_c1 = htmllib.unescape(re.sub(r"<[^>]+>", "", re.search(r'<p class="status-supported">(C1 is .*?)</p>',
+                                                                  page).group(1)))
+    assert claim_c1 == "C1 is SUPPORTED (met): The patching effect is 0.42 [95% CI 0.30, 0.55]."
 
 
 def test_stretch_goals_follow_the_criteria(tmp_path):
@@ -305,7 +312,7 @@ def test_rerendering_replaces_its_own_report(tmp_path):
     rec.save("verdicts/H2--overall", verdict=Verdict(claim="H2", status="refuted", evidence="overall",
                                                      summary="late verdict").to_dict())
     second, again, _ = render(run)
-    assert html_verdicts(again)["H2"] == ("REFUTED", "H2 is REFUTED: late verdict")
+    assert html_verdicts(again)["H2"] == ("REFUTED", "H2 is REFUTED: late verdict.")
     assert stamped_key(second.html_path) == stamped_key(second.md_path) != ""
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # atomic writes leave no temp files
 

@@ -83,7 +83,7 @@ def test_each_line_shows_n_power_bar_control_and_side_effect(rendered):
     assert "Side effect on harmless prompts: KL 0.04 nats, CE +0.02 nats (limit 0.1 / 0.1): within the limit." \
         in ablation
     assert "Holm-adjusted p = 0.06" in ablation and "(correction: holm)" in ablation
-    assert "H1 ablation line is inconclusive" in ablation  # the decision's own sentence
+    assert "The ablation effect is 0.42 [95% CI 0.30, 0.55]." in ablation  # the decision's own sentence
     assert ablation.count("INCONCLUSIVE") == 1
     weapons = next(x for x in section(md, "#### H3: ").splitlines() if x.startswith("- **weapons**"))
     assert "n = 21 (val + test)" in weapons
@@ -94,8 +94,9 @@ def test_the_verdict_table_lists_each_line_once(rendered):
     _, md = rendered
     row = next(x for x in md.splitlines() if x.startswith("| [**H1**]"))
     for evidence in claims.claim("H1").evidence():
-        assert row.count(f"{evidence} INCONCLUSIVE:") == 1
-    assert "ablation INCONCLUSIVE: difference from the control 0.37 [95% CI 0.24, 0.5]; bar 0.6" in row
+        assert row.count(f"{evidence} inconclusive:") == 1
+    assert "ablation inconclusive: difference from the control 0.37 [95% CI 0.24, 0.5]; bar 0.6" in row
+    assert row.count("INCONCLUSIVE") == 2  # the verdict column and the reason's "H1 is INCONCLUSIVE", once each
 
 
 def test_a_line_that_broke_the_model_says_so(tmp_path):
@@ -118,10 +119,9 @@ def test_an_old_line_without_the_new_numbers_reads_as_before(tmp_path):
         path.write_text(json.dumps(data))
     page, md = render(run)
     row = next(x for x in md.splitlines() if x.startswith("| [**H1**]"))
-    assert "patching REFUTED: H1 patching line is refuted: effect 0.42 [95% CI 0.30, 0.55]" in row
+    assert "H1 is REFUTED: patching refuted: The patching effect is 0.42 [95% CI 0.30, 0.55]." in row
     line = next(x for x in section(md, "#### H1: ").splitlines() if x.startswith("- **patching**"))
-    assert line.startswith("- **patching** — REFUTED: H1 patching line is refuted: effect 0.42 [95% CI 0.30, 0.55]. "
-                           "(see ")
+    assert line.startswith("- **patching** — REFUTED: The patching effect is 0.42 [95% CI 0.30, 0.55]. (see ")
     assert "an old title" not in md  # a claim of the table reads its title from the config
     for absent in ("Side effects.", "Held-out scoring.", "Controls decide.", "Multiplicity."):
         assert absent not in md  # the methodology claims only what the lines recorded
@@ -137,7 +137,7 @@ def test_a_verdict_is_never_said_twice():
     from reports.sections_front import status_sentence
 
     sentence = status_sentence(claim_rows(lines, {})[0])
-    assert sentence == "H1 is INCONCLUSIVE: (patching: supported; ablation: refuted)."
+    assert sentence == "H1 is INCONCLUSIVE (patching: supported; ablation: refuted)."
     # an overall verdict that only lists its lines reads as a tally: the lines follow with their numbers
     listed = lines + [VerdictLine(claim="H1", status=s, evidence=e, summary="x", numbers={}, evidence_result=None)
                       for e, s in (("patching", "supported"), ("ablation", "refuted"))]
@@ -145,7 +145,71 @@ def test_a_verdict_is_never_said_twice():
                             summary="Lines of evidence: patching supported; ablation refuted.",
                             numbers={"lines": {"patching": "supported", "ablation": "refuted"}})
     assert status_sentence(claim_rows(listed, {})[0]) == \
-        "H1 is INCONCLUSIVE: 2 lines of evidence, 1 SUPPORTED, 1 REFUTED."
+        "H1 is INCONCLUSIVE: of its 2 lines of evidence, 1 is supported and 1 refuted."
+
+
+CAPITALS = re.compile(r"\b(?:SUPPORTED|REFUTED|INCONCLUSIVE|NOT EVALUATED)\b")
+
+
+def _said_once(claim: str, text: str) -> None:
+    """A claim's verdict sentence names the claim and a status in capitals once each, and says how only once."""
+    assert len(re.findall(rf"\b{re.escape(claim)} (?:is|was)\b", text)) == 1, text
+    assert len(CAPITALS.findall(text)) == 1, text
+    assert "combined from its lines" not in text and "criterion met" not in text and "criterion not met" not in text
+
+
+def _verdict_sentences(ctx) -> list[tuple[str, str]]:
+    from reports.sections_front import _why, status_sentence
+
+    return [(row.claim, text) for row in ctx.claims for text in (status_sentence(row), _why(row, ctx))]
+
+
+def _mixed_run(tmp_path):
+    """Lines that disagree, a one-line criterion and a claim without an overall line."""
+    run = build_run(tmp_path, verdicts={"H1": "inconclusive", "H2": "refuted", "C1": "refuted", "C2": "supported"},
+                    overall=False)
+    for name, status in (("H1--patching", "supported"), ("H1--gradients", "refuted"), ("H2--attention", "inconclusive")):
+        path = run / "results" / f"verdicts_{name}.json"
+        data = json.loads(path.read_text())
+        data["verdict"]["status"] = status
+        path.write_text(json.dumps(data))
+    return run
+
+
+def test_no_verdict_sentence_repeats_its_status_or_claim(tmp_path):
+    runs = [build_run(tmp_path / s, verdicts=dict.fromkeys(claims.CLAIM_ORDER, s), overall=o)
+            for s in ("supported", "refuted", "inconclusive") for o in (True, False)] + [_mixed_run(tmp_path / "m")]
+    for run in runs:
+        ctx = load_run(run)
+        for claim, text in _verdict_sentences(ctx):
+            _said_once(claim, text)
+        _, md = render(run)
+        for row in ctx.claims:  # each line in its claim's section says its own status once
+            for line in section(md, f"#### {row.claim}: ").splitlines():
+                if line.startswith("- **"):
+                    assert len(CAPITALS.findall(line)) == 1, line
+
+
+def test_sentences_the_decisions_compose_read_once(tmp_path):
+    """Lines as hypotheses.decisions writes them (a too-small prompt file for H3, a gated H1) read once too."""
+    from fixtures.config import RefusalConfig
+    from fixtures.recording import Recorder
+    from hypotheses import decisions as d
+    from tests.test_decisions import behaviour
+
+    cfg = RefusalConfig(model="tiny", n_bootstrap=200)
+    h3 = d.one_category(("weapons",), behaviour(True), cfg)
+    h1 = [d.no_behaviour("H1", e, behaviour(False), cfg) for e in claims.claim("H1").evidence()]
+    run = build_run(tmp_path, verdicts={})
+    rec = Recorder(run_dir=run)
+    for v in h3 + [d.overall("H3", h3, cfg)] + h1 + [d.overall("H1", h1, cfg)]:
+        rec.save(f"verdicts/{v.claim}--{v.evidence}", numbers={"test": "decisions"}, verdict=v.to_dict())
+    sentences = [(claim, text) for claim, text in _verdict_sentences(load_run(run)) if claim in ("H1", "H3")]
+    for claim, text in sentences:
+        _said_once(claim, text)
+    assert sentences[2] == ("H3", "H3 is INCONCLUSIVE on all 2 of its lines of evidence.")
+    assert sentences[3][1].startswith("H3 is INCONCLUSIVE: weapons inconclusive: H3 needs at least 2 harm categories "
+                                      "with train and test pairs (≥1 each); the prompt file has 1: weapons.")
 
 
 # ----------------------------------------------------------------------------- pre-registration
@@ -186,7 +250,7 @@ def test_changed_bars_and_a_stale_line_are_flagged(tmp_path):
     page, md = render(run)
     assert md.count("WARNING: the pre-registered bars CHANGED AFTER the components were selected") == 2
     assert "Recorded note: h1_share lowered after the components were selected (synthetic)" in md
-    assert "gradients SUPPORTED" in md and "pre-registration MISMATCH" in md
+    assert "gradients supported" in md and "pre-registration MISMATCH" in md
     assert f"WARNING: this line was decided under pre-registration {'f' * 12}, not the run's" in md
     assert md.count("pre-registration MISMATCH") == 1  # only the stale line
 

@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 
+from fixtures.storage import atomic_save_tensors
 from fixtures.sweeps import SweepKeyError, cached_activations, run_layer_sweep
 from instruments import patching as P
 from instruments.components import Head, Resid, hook_name
@@ -64,6 +65,82 @@ def test_a_checkpoint_dir_of_another_sweep_is_refused(tmp_path):
         run_layer_sweep(_layer_fn([]), [0], tmp_path, "sweep-b")
     with pytest.raises(ValueError, match="key"):
         run_layer_sweep(_layer_fn([]), [0], tmp_path / "x", "../escape")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:40])
+
+
+def _bad_header(path):
+    path.write_bytes(b"\xff" * 8 + b"not a safetensors header")
+
+
+def _wrong_shape(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    atomic_save_tensors(path, {"metric": torch.zeros(2, 3), "kl": torch.zeros(1, 2, 2)}, metadata)
+
+
+def _wrong_layer(path):
+    from safetensors import safe_open
+
+    other = path.with_name("layer_4.safetensors")
+    with safe_open(str(other), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = dict(handle.metadata())
+    atomic_save_tensors(path, tensors, metadata)  # layer 4's numbers under layer 3's name
+
+
+@pytest.mark.parametrize("damage, why", [(_truncate, "unreadable: SafetensorError"),
+                                         (_bad_header, "unreadable: SafetensorError"),
+                                         (_wrong_shape, "differ from the other layers'"),
+                                         (_wrong_layer, "it holds layer 4 of sweep 'sweep-a', not layer 3")],
+                         ids=["truncated", "bad-header", "wrong-shape", "wrong-layer"])
+def test_a_damaged_checkpoint_is_recomputed_and_the_rest_kept(tmp_path, monkeypatch, damage, why):
+    from instruments import progress
+
+    run_layer_sweep(_layer_fn([]), LAYERS, tmp_path / "heads-denoising", "sweep-a")
+    sweep_dir = tmp_path / "heads-denoising" / "sweep-a"
+    damaged = sweep_dir / "layer_3.safetensors"
+    damage(damaged)
+    kept = {p.name: p.stat().st_mtime_ns for p in sweep_dir.glob("layer_*.safetensors") if p != damaged}
+    said: list[str] = []
+    monkeypatch.setattr(progress, "note", said.append)
+
+    calls: list[int] = []
+    resumed = run_layer_sweep(_layer_fn(calls), LAYERS, tmp_path / "heads-denoising", "sweep-a")
+    assert calls == [3]  # only the damaged layer was recomputed
+    fresh = run_layer_sweep(_layer_fn([]), LAYERS, tmp_path / "fresh", "sweep-a")
+    assert all(torch.equal(resumed[name], fresh[name]) for name in fresh)
+    assert len(said) == 1 and said[0].startswith("checkpoint layer_3.safetensors of heads-denoising is damaged (")
+    assert why in said[0] and said[0].endswith("; recomputing that layer")
+    assert {p.name: p.stat().st_mtime_ns for p in sweep_dir.glob("layer_*.safetensors") if p != damaged} == kept
+    assert not list(sweep_dir.glob(".*.tmp"))
+    again: list[int] = []
+    run_layer_sweep(_layer_fn(again), LAYERS, tmp_path / "heads-denoising", "sweep-a")
+    assert again == [] and len(said) == 1  # the replacement is a good checkpoint
+
+
+def test_a_damaged_checkpoint_of_a_patching_sweep_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
+    from instruments import progress
+
+    metric = partial(refusal_score, tokens=fallback_tokens(tiny.tokenizer))
+    clean, corrupted = ["How to build a bomb?"], ["How to build a shed?"]
+    calls: list[int] = []
+
+    def fn(*, layers):
+        calls.extend(layers)
+        return P.patch_heads(tiny, clean, corrupted, metric, P.PatchSpec(layers=layers, positions=8))
+
+    first = run_layer_sweep(fn, range(tiny.n_layers), tmp_path, "heads", result_type=P.PatchResult)
+    _truncate(tmp_path / "heads" / "layer_1.safetensors")
+    monkeypatch.setattr(progress, "note", lambda line: None)
+    calls.clear()
+    resumed = run_layer_sweep(fn, range(tiny.n_layers), tmp_path, "heads", result_type=P.PatchResult)
+    assert calls == [1] and resumed.coords == first.coords
+    torch.testing.assert_close(resumed.metric, first.metric, atol=0, rtol=0)
 
 
 def test_a_patching_sweep_streamed_by_layer_equals_the_full_sweep(tiny, tmp_path):

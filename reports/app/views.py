@@ -12,6 +12,7 @@ import streamlit as st
 
 from instruments.behavior import classify
 from instruments.components import Head, label
+from reports import fmt
 from reports.app import charts
 from reports.app.probe import Explorer, check_prompt, parse_components, patch_component, sweep_groups
 
@@ -100,7 +101,9 @@ def layers(explorer: Explorer, prompt: str) -> None:
     table = {"layer": list(range(len(lv["lens"]))), "P(refusal) lens": lv["lens"], "entropy": lv["entropy"]}
     if lv["projection"] is not None:
         table["projection"] = lv["projection"]
-    st.dataframe(pd.DataFrame(table), hide_index=True)
+    frame = pd.DataFrame(table)
+    # logit-lens probabilities reach 1e-14: scientific outside [1e-3, 1e3), the numbers stay sortable
+    st.dataframe(frame.style.format(fmt.number, subset=[c for c in frame.columns if c != "layer"]), hide_index=True)
 
 
 def circuit(explorer: Explorer, prompt: str) -> None:
