@@ -42,9 +42,11 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 import torch
 from jaxtyping import Bool, Float
 
+from instruments import progress
 from instruments.behavior import Generations, batches, generate, last_logits
 from instruments.components import (AttnOut, Component, Direction, Head, MlpOut, Neuron, Resid, hook_name,
                                     validate)
+from instruments.handle import ModelHandle
 from instruments.metrics import RefusalTokens, kl_divergence, refusal_score
 from instruments.positions import current_prompt_end, prompt_end
 
@@ -128,7 +130,7 @@ def _index(component: Component) -> tuple[int, ...]:
     return ()
 
 
-def _check(handle, components: Sequence[Component]) -> tuple[Component, ...]:
+def _check(handle: ModelHandle, components: Sequence[Component]) -> tuple[Component, ...]:
     out = tuple(components)
     for c in out:
         if isinstance(c, Resid):
@@ -138,7 +140,7 @@ def _check(handle, components: Sequence[Component]) -> tuple[Component, ...]:
     return out
 
 
-def hook_points(handle, components: Sequence[Component], *, spec: AblationSpec) -> tuple[str, ...]:
+def hook_points(handle: ModelHandle, components: Sequence[Component], *, spec: AblationSpec) -> tuple[str, ...]:
     """Every hook point the ablation of ``components`` edits, in a stable order."""
     names = [n for c in _check(handle, components) for n in _sites(c, handle.n_layers, spec)]
     return tuple(dict.fromkeys(names))
@@ -171,7 +173,7 @@ class ReferenceActivations:
 
 
 @torch.no_grad()
-def reference_activations(handle, prompts: Sequence[str], names: Sequence[str], *,
+def reference_activations(handle: ModelHandle, prompts: Sequence[str], names: Sequence[str], *,
                           positions: int | None = None, batch_size: int = 16) -> ReferenceActivations:
     """Reference activations at ``names`` on the clean model (float32, on the model's device):
     per-prompt means over non-pad positions, or (``positions=N``) each of the last N positions."""
@@ -180,7 +182,9 @@ def reference_activations(handle, prompts: Sequence[str], names: Sequence[str], 
     names = list(dict.fromkeys(names))
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     counts: list[torch.Tensor] = []
-    for chunk in batches(list(prompts), batch_size):
+    label = (f"reference activations at {progress.count(len(names), 'hook point')}: "
+            f"{progress.count(len(prompts), 'prompt')}")
+    for chunk in progress.track(list(batches(list(prompts), batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
         if positions is not None and int(mask.sum(1).min()) < positions:
             raise AblationError(f"a reference prompt has fewer than positions={positions} tokens")
@@ -298,7 +302,7 @@ def _grouped_hook(edits: Sequence[Edit]) -> Callable[[torch.Tensor, Any], torch.
     return hook
 
 
-def _reference_for(handle, components: tuple[Component, ...], spec: AblationSpec,
+def _reference_for(handle: ModelHandle, components: tuple[Component, ...], spec: AblationSpec,
                    reference: Sequence[str] | ReferenceActivations | None) -> ReferenceActivations | None:
     if spec.method == "zero" or not components:
         return None
@@ -321,7 +325,7 @@ def _reference_for(handle, components: tuple[Component, ...], spec: AblationSpec
                                  batch_size=spec.batch_size)
 
 
-def ablation_hooks(handle, components: Sequence[Component], *, spec: AblationSpec = AblationSpec(),
+def ablation_hooks(handle: ModelHandle, components: Sequence[Component], *, spec: AblationSpec = AblationSpec(),
                    reference: Sequence[str] | ReferenceActivations | None = None) -> list[Hook]:
     """The fwd_hooks (one per hook point) that ablate ``components``; attach them via a context.
 
@@ -341,7 +345,7 @@ def ablation_hooks(handle, components: Sequence[Component], *, spec: AblationSpe
 
 
 @contextmanager
-def ablated(handle, components: Sequence[Component], *, spec: AblationSpec = AblationSpec(),
+def ablated(handle: ModelHandle, components: Sequence[Component], *, spec: AblationSpec = AblationSpec(),
             reference: Sequence[str] | ReferenceActivations | None = None) -> Iterator[list[Hook]]:
     """Run forward passes and :func:`behavior.generate` under the ablation for the block.
 
@@ -366,7 +370,7 @@ class AnswerScores:
 
 
 @torch.no_grad()
-def answer_scores(handle, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16,
+def answer_scores(handle: ModelHandle, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16,
                   fwd_hooks: Sequence[Hook] = ()) -> AnswerScores:
     """Cross-entropy of each answer after its chat-formatted prompt, and the logits after the prompt.
 
@@ -378,7 +382,9 @@ def answer_scores(handle, prompts: Sequence[str], answers: Sequence[str], *, bat
     tok = handle.tokenizer
     ces: list[torch.Tensor] = []
     nexts: list[torch.Tensor] = []
-    for chunk in batches(list(zip(prompts, answers)), batch_size):
+    label = f"answer cross-entropy: {progress.count(len(prompts), 'prompt')}" + (
+        f", under {progress.count(len(fwd_hooks), 'hook')}" if fwd_hooks else "")
+    for chunk in progress.track(list(batches(list(zip(prompts, answers)), batch_size)), label, unit="batch", quiet=True):
         rows = [(tok(handle.chat(p), add_special_tokens=False)["input_ids"],
                  tok(a, add_special_tokens=False)["input_ids"]) for p, a in chunk]
         length = max(len(p) + len(a) for p, a in rows)
@@ -405,9 +411,14 @@ def answer_scores(handle, prompts: Sequence[str], answers: Sequence[str], *, bat
     return AnswerScores(cross_entropy=torch.cat(ces), prompt_logits=torch.cat(nexts))
 
 
-def answer_cross_entropy(handle, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16,
+def answer_cross_entropy(handle: ModelHandle, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16,
                          fwd_hooks: Sequence[Hook] = ()) -> Float[torch.Tensor, "prompt"]:
-    """Mean cross-entropy (nats/token) of each answer after its chat-formatted prompt; NaN if empty."""
+    """Mean cross-entropy (nats/token) of each answer after its chat-formatted prompt; NaN if empty.
+
+    One number per prompt, each answer scored as given (not cut, no end-of-turn token), under
+    ``fwd_hooks``. The organism's capability check pools tokens over prompts instead
+    (``fixtures.organism.pooled_answer_cross_entropy``), so a long answer weighs more there.
+    """
     return answer_scores(handle, prompts, answers, batch_size=batch_size, fwd_hooks=fwd_hooks).cross_entropy
 
 
@@ -477,7 +488,7 @@ class AblationEffect:
         return float((self.answer_ce_ablated - self.answer_ce_clean).nanmean())
 
 
-def ablation_effect(handle, prompts: Sequence[str], components: Sequence[Component], *,
+def ablation_effect(handle: ModelHandle, prompts: Sequence[str], components: Sequence[Component], *,
                     spec: AblationSpec = AblationSpec(), harmless_prompts: Sequence[str],
                     reference_answers: Sequence[str] | None = None, tokens: RefusalTokens,
                     reference: Sequence[str] | ReferenceActivations | None = None) -> AblationEffect:
@@ -490,19 +501,28 @@ def ablation_effect(handle, prompts: Sequence[str], components: Sequence[Compone
     comps = _check(handle, components)
     hooks = ablation_hooks(handle, comps, spec=spec, reference=reference)
     bs, n_new = spec.batch_size, spec.max_new_tokens
-    if reference_answers is None:
-        reference_answers = generate(handle, harmless_prompts, max_new_tokens=n_new, batch_size=bs).texts
-    baseline = generate(handle, prompts, max_new_tokens=n_new, batch_size=bs)
-    under = generate(handle, prompts, max_new_tokens=n_new, batch_size=bs, fwd_hooks=hooks)
-    score_clean = refusal_score(last_logits(handle, prompts, batch_size=bs), tokens)
-    score_ablated = refusal_score(last_logits(handle, prompts, batch_size=bs, fwd_hooks=hooks), tokens)
-    clean_harmless = last_logits(handle, harmless_prompts, batch_size=bs)
-    ablated_harmless = last_logits(handle, harmless_prompts, batch_size=bs, fwd_hooks=hooks)
+    # for the ETA a generation counts one step per token it may write, any other pass one step
+    n_steps = (2 + (reference_answers is None)) * n_new + 6
+    with progress.task(f"ablation of {len(comps)} components: {len(prompts)} prompts, {len(harmless_prompts)} harmless",
+                       n_steps, unit="step", quiet=True) as steps:
+        if reference_answers is None:
+            reference_answers = generate(handle, harmless_prompts, max_new_tokens=n_new, batch_size=bs).texts
+            steps.advance(n_new)
+        baseline = generate(handle, prompts, max_new_tokens=n_new, batch_size=bs)
+        steps.advance(n_new)
+        under = generate(handle, prompts, max_new_tokens=n_new, batch_size=bs, fwd_hooks=hooks)
+        steps.advance(n_new)
+        score_clean = refusal_score(last_logits(handle, prompts, batch_size=bs), tokens)
+        score_ablated = refusal_score(last_logits(handle, prompts, batch_size=bs, fwd_hooks=hooks), tokens)
+        clean_harmless = last_logits(handle, harmless_prompts, batch_size=bs)
+        ablated_harmless = last_logits(handle, harmless_prompts, batch_size=bs, fwd_hooks=hooks)
+        steps.advance(4)
+        ce_clean = answer_cross_entropy(handle, harmless_prompts, reference_answers, batch_size=bs)
+        ce_ablated = answer_cross_entropy(handle, harmless_prompts, reference_answers, batch_size=bs, fwd_hooks=hooks)
+        steps.advance(2)
     return AblationEffect(
         components=comps, spec=spec, prompts=tuple(prompts), baseline=baseline, ablated=under,
         refusal_score_baseline=score_clean, refusal_score_ablated=score_ablated,
         harmless_prompts=tuple(harmless_prompts), reference_answers=tuple(reference_answers),
-        kl_harmless=kl_divergence(clean_harmless, ablated_harmless),
-        answer_ce_clean=answer_cross_entropy(handle, harmless_prompts, reference_answers, batch_size=bs),
-        answer_ce_ablated=answer_cross_entropy(handle, harmless_prompts, reference_answers, batch_size=bs,
-                                               fwd_hooks=hooks))
+        kl_harmless=kl_divergence(clean_harmless, ablated_harmless), answer_ce_clean=ce_clean,
+        answer_ce_ablated=ce_ablated)

@@ -13,7 +13,9 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from jaxtyping import Float, Int
 
+from instruments import progress
 from instruments.components import Pattern, ResidPost, hook_name
+from instruments.handle import ModelHandle
 from instruments.metrics import RefusalTokens, compliance_prob, refusal_prob
 from instruments.positions import prompt_end
 
@@ -86,11 +88,13 @@ def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 @torch.no_grad()
-def last_logits(handle, prompts: Sequence[str], *, batch_size: int = 16,
+def last_logits(handle: ModelHandle, prompts: Sequence[str], *, batch_size: int = 16,
                 fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Float[torch.Tensor, "batch vocab"]:
     """Next-token logits after each chat-formatted prompt, optionally under hooks."""
     out = []
-    for chunk in batches(prompts, batch_size):
+    label = f"next-token logits: {progress.count(len(prompts), 'prompt')}" + (
+        f", under {progress.count(len(fwd_hooks), 'hook')}" if fwd_hooks else "")
+    for chunk in progress.track(list(batches(prompts, batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
         with handle.bridge.hooks(fwd_hooks=list(fwd_hooks)):
             logits = handle.bridge(ids, attention_mask=mask)
@@ -139,7 +143,7 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(handle, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 16,
+def generate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 16,
              fwd_hooks: Sequence[tuple[str, Callable]] = (), use_cache: bool = True,
              classifier: ClassifierSpec = ClassifierSpec()) -> Generations:
     """Greedy generation through the bridge, so hooks (e.g. ablations) act on every step.
@@ -156,7 +160,9 @@ def generate(handle, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_
     prompt_logits: list[torch.Tensor] = []
     stop = _stop_ids(handle.tokenizer)
     pad = handle.tokenizer.pad_token_id
-    for chunk in batches(prompts, batch_size):
+    label = (f"generation: {progress.count(len(prompts), 'prompt')}, up to {progress.count(max_new_tokens, 'token')}"
+            + (f", under {progress.count(len(fwd_hooks), 'hook')}" if fwd_hooks else ""))
+    for chunk in progress.track(list(batches(prompts, batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
         new = torch.empty((ids.shape[0], 0), dtype=ids.dtype, device=ids.device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -199,7 +205,7 @@ class FirstTokenProbs:
     compliance: Float[torch.Tensor, "prompt"]
 
 
-def first_token_probs(handle, prompts: Sequence[str], tokens: RefusalTokens, *,
+def first_token_probs(handle: ModelHandle, prompts: Sequence[str], tokens: RefusalTokens, *,
                       batch_size: int = 16) -> FirstTokenProbs:
     logits = last_logits(handle, prompts, batch_size=batch_size)
     return FirstTokenProbs(refusal=refusal_prob(logits, tokens), compliance=compliance_prob(logits, tokens))
@@ -212,7 +218,7 @@ def _resid_post_names(n_layers: int) -> list[str]:
 
 
 @torch.no_grad()
-def logit_lens(handle, prompts: Sequence[str], tokens: RefusalTokens, *,
+def logit_lens(handle: ModelHandle, prompts: Sequence[str], tokens: RefusalTokens, *,
                batch_size: int = 16) -> Float[torch.Tensor, "layer prompt"]:
     """P(refusal tokens) read from each layer's residual stream at the last position.
 
@@ -221,7 +227,8 @@ def logit_lens(handle, prompts: Sequence[str], tokens: RefusalTokens, *,
     """
     names = _resid_post_names(handle.n_layers)
     rows: list[torch.Tensor] = []
-    for chunk in batches(prompts, batch_size):
+    label = f"logit lens: {progress.count(len(prompts), 'prompt')}"
+    for chunk in progress.track(list(batches(prompts, batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
         _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
         resid = torch.stack([cache[n][:, -1] for n in names])  # layer batch d_model
@@ -231,14 +238,16 @@ def logit_lens(handle, prompts: Sequence[str], tokens: RefusalTokens, *,
 
 
 @torch.no_grad()
-def attention_entropy(handle, prompts: Sequence[str], *, batch_size: int = 16) -> Float[torch.Tensor, "prompt layer head"]:
+def attention_entropy(handle: ModelHandle, prompts: Sequence[str], *,
+                      batch_size: int = 16) -> Float[torch.Tensor, "prompt layer head"]:
     """Entropy (nats) of each head's attention from the last position over the prompt.
 
     Padding keys get zero weight under the mask, so they add nothing to the entropy.
     """
     names = [hook_name(Pattern(layer=layer)) for layer in range(handle.n_layers)]
     out = []
-    for chunk in batches(prompts, batch_size):
+    label = f"attention entropy: {progress.count(len(prompts), 'prompt')}"
+    for chunk in progress.track(list(batches(prompts, batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
         _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
         per_layer = []
@@ -249,7 +258,7 @@ def attention_entropy(handle, prompts: Sequence[str], *, batch_size: int = 16) -
     return torch.cat(out)
 
 
-def token_ids(handle, prompts: Sequence[str]) -> list[Int[torch.Tensor, "pos"]]:
+def token_ids(handle: ModelHandle, prompts: Sequence[str]) -> list[Int[torch.Tensor, "pos"]]:
     """Unpadded chat-formatted token ids of each prompt (for per-prompt inspection)."""
     return [handle.encode([p])[0][0] for p in prompts]
 
@@ -257,7 +266,7 @@ def token_ids(handle, prompts: Sequence[str]) -> list[Int[torch.Tensor, "pos"]]:
 # ----------------------------------------------------------------------------- streaming (the explorer)
 
 @torch.no_grad()
-def stream_generate(handle, prompt: str, *, max_new_tokens: int = 32,
+def stream_generate(handle: ModelHandle, prompt: str, *, max_new_tokens: int = 32,
                     fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Iterator[str]:
     """Greedy generation of one prompt, yielding the text as it grows (for live display).
 

@@ -18,7 +18,9 @@ from typing import Sequence
 
 import torch
 
+from instruments import progress
 from instruments.components import AttnOut, MlpOut, ResidPost, hook_name
+from instruments.handle import ModelHandle
 from instruments.patching import Metric, PatchResult, PatchSpec, _base_and_source, _cached_run, _encode_pairs, \
     _evaluate
 
@@ -26,7 +28,7 @@ BLOCKS = {"attn_out": AttnOut, "mlp_out": MlpOut}
 
 
 @torch.no_grad()
-def direct_effects(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def direct_effects(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                    spec: PatchSpec = PatchSpec()) -> tuple[PatchResult, PatchResult]:
     """Every layer's attention and MLP output's direct effect: ``(attn_out, mlp_out)``, each ``[layer, prompt]``.
 
@@ -48,7 +50,9 @@ def direct_effects(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequ
     out = []
     for kind, cls in BLOCKS.items():
         rows = []
-        for layer in layers:
+        label = (f"direct effects of {kind}: "
+                 f"{progress.count(len(layers), 'layer')} × {progress.count(pairs.n_prompts, 'pair')}")
+        for layer in progress.track(layers, label, unit="layer", quiet=True):
             name = hook_name(cls(layer=layer))
             resid = base_acts[final] + (source_acts[name] - base_acts[name])
             rows.append(_evaluate(metric, handle.bridge.unembed(handle.bridge.ln_final(resid)).float()))

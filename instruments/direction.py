@@ -31,9 +31,11 @@ from typing import Callable, Iterator, Literal, Mapping, Sequence
 import torch
 from jaxtyping import Float
 
+from instruments import progress
 from instruments.ablation import AblationSpec, Hook, ablation_hooks, direction_sites
 from instruments.behavior import batches
 from instruments.components import AttnOut, Direction, Embed, MlpOut, Resid, hook_name, writer_name
+from instruments.handle import ModelHandle
 from instruments.metrics import RefusalTokens, kl_divergence, refusal_score
 from instruments.positions import post_instruction_length, token_lengths
 
@@ -99,7 +101,7 @@ class DirectionSpec:
 
 # ----------------------------------------------------------------------------- activations
 
-def post_instruction_ids(handle) -> tuple[int, ...]:
+def post_instruction_ids(handle: ModelHandle) -> tuple[int, ...]:
     """Token ids the chat template puts after the user's message (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``).
 
     Found as the longest common token suffix of chat-formatted probe messages that end in
@@ -121,7 +123,7 @@ def resid_names(n_layers: int) -> list[str]:
 
 
 @torch.no_grad()
-def resid_at(handle, prompts: Sequence[str], *, positions: Sequence[int], batch_size: int = 16,
+def resid_at(handle: ModelHandle, prompts: Sequence[str], *, positions: Sequence[int], batch_size: int = 16,
              layers: Sequence[int] | None = None) -> Float[torch.Tensor, "prompt pos layer d_model"]:
     """resid_pre at ``positions`` (negative offsets: left padding aligns the ends) of ``layers``
     (None: every layer, in order). The forward stops after the deepest layer asked for."""
@@ -132,7 +134,9 @@ def resid_at(handle, prompts: Sequence[str], *, positions: Sequence[int], batch_
     # blocks past the deepest requested resid_pre cannot change it: do not run them
     stop = max(layers) + 1 if max(layers) + 1 < handle.n_layers else None
     rows = []
-    for chunk in batches(list(prompts), batch_size):
+    label = (f"direction: residual stream at {progress.count(len(positions), 'position')} × "
+            f"{progress.count(len(layers), 'layer')}, {progress.count(len(prompts), 'prompt')}")
+    for chunk in progress.track(list(batches(list(prompts), batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
         _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names, stop_at_layer=stop)
         rows.append(torch.stack([cache[n][:, list(positions)] for n in names], dim=2).float().cpu())
@@ -194,7 +198,7 @@ class CandidateDirections:
         raise DirectionError(f"unknown method {method!r}; use 'mean_diff' or 'pca'")
 
 
-def searched_positions(handle, spec: DirectionSpec = DirectionSpec()) -> tuple[int, ...]:
+def searched_positions(handle: ModelHandle, spec: DirectionSpec = DirectionSpec()) -> tuple[int, ...]:
     """Negative offsets of the post-instruction positions the candidates are read at (Arditi et al. 2024)."""
     k = post_instruction_length(handle)
     if k == 0:
@@ -207,7 +211,7 @@ def searched_positions(handle, spec: DirectionSpec = DirectionSpec()) -> tuple[i
     return tuple(range(-n, 0))
 
 
-def candidate_directions(handle, harmful: Sequence[str], harmless: Sequence[str], *,
+def candidate_directions(handle: ModelHandle, harmful: Sequence[str], harmless: Sequence[str], *,
                          spec: DirectionSpec = DirectionSpec()) -> CandidateDirections:
     """Difference-in-means (and paired-PC) candidates from TRAIN prompts."""
     if not harmful or not harmless:
@@ -230,7 +234,7 @@ def _unit(direction: Direction | torch.Tensor) -> Vector:
 
 
 @torch.no_grad()
-def layer_projections(handle, prompts: Sequence[str], direction: Direction | torch.Tensor, *,
+def layer_projections(handle: ModelHandle, prompts: Sequence[str], direction: Direction | torch.Tensor, *,
                       position: int = -1, batch_size: int = 16) -> Float[torch.Tensor, "layer prompt"]:
     """Scalar projection of resid_pre onto the unit direction, per layer and prompt (for plots)."""
     acts = resid_at(handle, prompts, positions=(position,), batch_size=batch_size)[:, 0]  # prompt layer d
@@ -239,7 +243,7 @@ def layer_projections(handle, prompts: Sequence[str], direction: Direction | tor
 
 # ----------------------------------------------------------------------------- hook interventions
 
-def directional_ablation_hooks(handle, direction: Direction | torch.Tensor, *,
+def directional_ablation_hooks(handle: ModelHandle, direction: Direction | torch.Tensor, *,
                                layer: int | None = None) -> list[Hook]:
     """Hooks projecting the direction out of every residual write (``layer``: only resid_pre of it)."""
     unit = _unit(direction)
@@ -249,13 +253,14 @@ def directional_ablation_hooks(handle, direction: Direction | torch.Tensor, *,
 
 
 @contextmanager
-def directionally_ablated(handle, direction: Direction | torch.Tensor, *,
+def directionally_ablated(handle: ModelHandle, direction: Direction | torch.Tensor, *,
                           layer: int | None = None) -> Iterator[None]:
     with handle.bridge.hooks(fwd_hooks=directional_ablation_hooks(handle, direction, layer=layer)):
         yield
 
 
-def steering_hooks(handle, vector: Direction | torch.Tensor, *, layer: int, coefficient: float = 1.0) -> list[Hook]:
+def steering_hooks(handle: ModelHandle, vector: Direction | torch.Tensor, *, layer: int,
+                   coefficient: float = 1.0) -> list[Hook]:
     """Activation addition: resid_pre[layer] += coefficient * vector at every position.
 
     ``vector`` is used as given (not normalized), so a mean-difference candidate with
@@ -276,7 +281,8 @@ def steering_hooks(handle, vector: Direction | torch.Tensor, *, layer: int, coef
 
 
 @contextmanager
-def steered(handle, vector: Direction | torch.Tensor, *, layer: int, coefficient: float = 1.0) -> Iterator[None]:
+def steered(handle: ModelHandle, vector: Direction | torch.Tensor, *, layer: int,
+            coefficient: float = 1.0) -> Iterator[None]:
     with handle.bridge.hooks(fwd_hooks=steering_hooks(handle, vector, layer=layer, coefficient=coefficient)):
         yield
 
@@ -350,7 +356,8 @@ def _reject_reason(bypass: float, induce: float, kl: float, spec: DirectionSpec)
     return None
 
 
-def _length_chunks(handle, prompts: Sequence[str], size: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def _length_chunks(handle: ModelHandle, prompts: Sequence[str],
+                   size: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(indices, ids, mask) of prompt chunks of similar token length, each encoded once: less padding."""
     lengths = token_lengths(handle, prompts)
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
@@ -362,14 +369,14 @@ def _length_chunks(handle, prompts: Sequence[str], size: int) -> list[tuple[list
     return chunks
 
 
-def _next_token_logits(handle, ids: torch.Tensor, mask: torch.Tensor) -> Float[torch.Tensor, "row vocab"]:
+def _next_token_logits(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor) -> Float[torch.Tensor, "row vocab"]:
     # only the last position is unembedded: the vocabulary projection is a fifth of SmolLM2-135M's compute
     kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(handle.hf_model.forward).parameters else {}
     return handle.bridge(ids, attention_mask=mask, **kw)[:, -1].float().cpu()
 
 
 @torch.no_grad()
-def _clean_logits(handle, chunks) -> Float[torch.Tensor, "prompt vocab"]:
+def _clean_logits(handle: ModelHandle, chunks) -> Float[torch.Tensor, "prompt vocab"]:
     index = [i for idx, _, _ in chunks for i in idx]
     logits = torch.cat([_next_token_logits(handle, ids, mask) for _, ids, mask in chunks])
     return logits[torch.argsort(torch.tensor(index))]
@@ -379,7 +386,7 @@ RowHooks = Callable[[slice, int], list[Hook]]  # (candidates, prompts per candid
 
 
 @torch.no_grad()
-def _scores_per_candidate(handle, chunks, n_candidates: int, hooks_for: RowHooks, *, tokens: RefusalTokens,
+def _scores_per_candidate(handle: ModelHandle, chunks, n_candidates: int, hooks_for: RowHooks, *, tokens: RefusalTokens,
                           clean: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Refusal score and KL(clean || edited) of every (candidate, prompt): [candidate, prompt] each.
 
@@ -388,20 +395,24 @@ def _scores_per_candidate(handle, chunks, n_candidates: int, hooks_for: RowHooks
     """
     n_prompts = clean.shape[0]
     score, kl = torch.empty(n_candidates, n_prompts), torch.empty(n_candidates, n_prompts)
-    for index, ids, mask in chunks:
-        n = len(index)
-        group = max(1, max_rows // n)
-        for start in range(0, n_candidates, group):
-            rows = slice(start, min(n_candidates, start + group))
-            g = rows.stop - rows.start
-            with handle.bridge.hooks(fwd_hooks=hooks_for(rows, n)):
-                logits = _next_token_logits(handle, ids.repeat(g, 1), mask.repeat(g, 1)).view(g, n, -1)
-            score[rows, index] = refusal_score(logits, tokens)
-            kl[rows, index] = kl_divergence(clean[index].expand_as(logits), logits)
+    n_passes = sum(math.ceil(n_candidates / max(1, max_rows // len(index))) for index, _, _ in chunks)
+    label = f"direction: scoring {progress.count(n_candidates, 'candidate')} on {n_prompts} val prompts"
+    with progress.task(label, n_passes, unit="forward pass", quiet=True) as passes:
+        for index, ids, mask in chunks:
+            n = len(index)
+            group = max(1, max_rows // n)
+            for start in range(0, n_candidates, group):
+                rows = slice(start, min(n_candidates, start + group))
+                g = rows.stop - rows.start
+                with handle.bridge.hooks(fwd_hooks=hooks_for(rows, n)):
+                    logits = _next_token_logits(handle, ids.repeat(g, 1), mask.repeat(g, 1)).view(g, n, -1)
+                score[rows, index] = refusal_score(logits, tokens)
+                kl[rows, index] = kl_divergence(clean[index].expand_as(logits), logits)
+                passes.advance()
     return score, kl
 
 
-def _row_ablation_hooks(handle, units: Float[torch.Tensor, "row d_model"]) -> list[Hook]:
+def _row_ablation_hooks(handle: ModelHandle, units: Float[torch.Tensor, "row d_model"]) -> list[Hook]:
     """Each row's own unit direction projected out of every residual write (directional ablation)."""
     def hook(activation: torch.Tensor, hook) -> torch.Tensor:
         u = units.to(device=activation.device, dtype=activation.dtype)[:, :, None]  # [row, d_model, 1]
@@ -424,7 +435,7 @@ def _row_steering_hooks(vectors: Float[torch.Tensor, "row d_model"], layers: tor
     return hooks
 
 
-def _not_evaluated(handle, candidates: CandidateDirections, vectors: torch.Tensor,
+def _not_evaluated(handle: ModelHandle, candidates: CandidateDirections, vectors: torch.Tensor,
                    spec: DirectionSpec) -> dict[tuple[int, int], str]:
     """(position index, layer) -> why that candidate is not evaluated."""
     excluded = pruned_layers(handle.n_layers, spec.prune_layer_fraction)
@@ -442,7 +453,7 @@ def _not_evaluated(handle, candidates: CandidateDirections, vectors: torch.Tenso
     return skip
 
 
-def _measure(handle, vecs: Float[torch.Tensor, "candidate d_model"], layers: torch.Tensor, *,
+def _measure(handle: ModelHandle, vecs: Float[torch.Tensor, "candidate d_model"], layers: torch.Tensor, *,
              harmful_val: Sequence[str], harmless_val: Sequence[str], tokens: RefusalTokens,
              spec: DirectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean bypass, induce and KL score per candidate ([candidate] each), and the clean refusal
@@ -467,7 +478,7 @@ def _measure(handle, vecs: Float[torch.Tensor, "candidate d_model"], layers: tor
             refusal_score(clean, tokens))
 
 
-def _screen(handle, todo: Sequence[tuple[int, int]], vectors: torch.Tensor, *, harmful_val: Sequence[str],
+def _screen(handle: ModelHandle, todo: Sequence[tuple[int, int]], vectors: torch.Tensor, *, harmful_val: Sequence[str],
             harmless_val: Sequence[str], tokens: RefusalTokens,
             spec: DirectionSpec) -> dict[tuple[int, int], tuple[float, str | None]]:
     """(position index, layer) -> (screening bypass, why screened out or None); empty when not screening.
@@ -498,7 +509,7 @@ def _screen(handle, todo: Sequence[tuple[int, int]], vectors: torch.Tensor, *, h
             for j, key in enumerate(todo)}
 
 
-def select_direction(handle, candidates: CandidateDirections, *, harmful_val: Sequence[str],
+def select_direction(handle: ModelHandle, candidates: CandidateDirections, *, harmful_val: Sequence[str],
                      harmless_val: Sequence[str], tokens: RefusalTokens,
                      spec: DirectionSpec = DirectionSpec()) -> DirectionSelection:
     """Pick the candidate with the lowest bypass score among those passing the filters (Arditi et al. 2024).
@@ -561,7 +572,7 @@ def select_direction(handle, candidates: CandidateDirections, *, harmful_val: Se
         scores=tuple(rows), spec=spec, n_harmful=n_harmful, n_harmless=len(harmless_val))
 
 
-def find_refusal_direction(handle, *, harmful_train: Sequence[str], harmless_train: Sequence[str],
+def find_refusal_direction(handle: ModelHandle, *, harmful_train: Sequence[str], harmless_train: Sequence[str],
                            harmful_val: Sequence[str], harmless_val: Sequence[str], tokens: RefusalTokens,
                            spec: DirectionSpec = DirectionSpec()) -> tuple[CandidateDirections, DirectionSelection]:
     """Candidates from TRAIN prompts, then selection on VAL prompts."""
@@ -572,7 +583,7 @@ def find_refusal_direction(handle, *, harmful_train: Sequence[str], harmless_tra
 
 # ----------------------------------------------------------------------------- weight orthogonalization
 
-def _require_full_precision(handle) -> None:
+def _require_full_precision(handle: ModelHandle) -> None:
     if handle.quant != "none":
         raise QuantizedWeightsError(
             f"this model is quantized ({handle.quant}): bitsandbytes weights are packed integer blocks that "
@@ -580,7 +591,7 @@ def _require_full_precision(handle) -> None:
             "direction.directionally_ablated(handle, direction) or ablation.ablated(handle, [Direction(...)])")
 
 
-def _writers(handle) -> dict[str, torch.nn.Module]:
+def _writers(handle: ModelHandle) -> dict[str, torch.nn.Module]:
     """The HF modules that write into the residual stream: embedding, attention out, MLP down.
 
     Only the embedding of a tied model is replaced, not the unembedding that shares its
@@ -612,7 +623,7 @@ class OrthogonalizedWeights:
 
 
 @torch.no_grad()
-def orthogonalized_weights(handle, direction: Direction | torch.Tensor) -> OrthogonalizedWeights:
+def orthogonalized_weights(handle: ModelHandle, direction: Direction | torch.Tensor) -> OrthogonalizedWeights:
     """W' = W - r r^T W for every residual write (bias too), so no module can write along r.
 
     The embedding stores written vectors as rows ([vocab, d_model]), linear layers as columns
@@ -641,7 +652,7 @@ def orthogonalized_weights(handle, direction: Direction | torch.Tensor) -> Ortho
 
 
 @contextmanager
-def swapped_weights(handle, replacements: Mapping[str, Mapping[str, torch.Tensor]]) -> Iterator[None]:
+def swapped_weights(handle: ModelHandle, replacements: Mapping[str, Mapping[str, torch.Tensor]]) -> Iterator[None]:
     """Swap in replacement parameters of the residual writers for the block, then restore them.
 
     The original Parameter objects are put back (not copied into), and on exit each is
@@ -675,7 +686,7 @@ def swapped_weights(handle, replacements: Mapping[str, Mapping[str, torch.Tensor
 
 
 @contextmanager
-def orthogonalized(handle, direction: Direction | torch.Tensor) -> Iterator[OrthogonalizedWeights]:
+def orthogonalized(handle: ModelHandle, direction: Direction | torch.Tensor) -> Iterator[OrthogonalizedWeights]:
     """Run with the direction orthogonalized out of the weights; the originals return on exit."""
     weights = orthogonalized_weights(handle, direction)
     with swapped_weights(handle, weights.replacements):

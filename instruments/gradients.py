@@ -43,8 +43,10 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from instruments import progress
 from instruments.behavior import batches
 from instruments.components import Embed, Head, Neuron, Pattern, hook_name
+from instruments.handle import ModelHandle
 from instruments.metrics import RefusalTokens, refusal_score
 from instruments.positions import same_length, spans
 
@@ -132,7 +134,7 @@ def activation_checkpointing(hf_model: Any, enabled: bool = True) -> Iterator[No
 # ----------------------------------------------------------------------------- the backward pass
 
 @torch.no_grad()
-def _embed(handle, ids: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+def _embed(handle: ModelHandle, ids: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
     """Token embeddings exactly as ``hook_embed`` sees them, in float32."""
     return handle.hf_model.get_input_embeddings()(ids).float()
 
@@ -144,7 +146,7 @@ class _Pass:
     reduced: Mapping[str, torch.Tensor]
 
 
-def _backward(handle, ids: torch.Tensor, mask: torch.Tensor, metric: Metric, *,
+def _backward(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor, metric: Metric, *,
               embeds: torch.Tensor | None = None, watch: Mapping[str, Reducer] | None = None,
               checkpointing: bool = False) -> _Pass:
     """One forward and one backward pass; gradients w.r.t. the embeddings and watched hooks."""
@@ -338,7 +340,7 @@ class IntegratedGradients:
         return tuple(row[m.bool()] for row, m in zip(self.input_ids, self.mask))
 
 
-def content_mask(handle, prompts: Sequence[str]) -> Int[torch.Tensor, "prompt pos"]:
+def content_mask(handle: ModelHandle, prompts: Sequence[str]) -> Int[torch.Tensor, "prompt pos"]:
     """1 where a left-padded token belongs to the user's message, 0 on template and padding.
 
     The template is what the chat formatting of the prompt shares with that of an empty
@@ -358,7 +360,7 @@ def content_mask(handle, prompts: Sequence[str]) -> Int[torch.Tensor, "prompt po
     return out
 
 
-def _baseline_ids(handle, spec: Baseline, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _baseline_ids(handle: ModelHandle, spec: Baseline, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Baseline prompt token ids laid out like ``ids`` (same length per row, right-aligned)."""
     texts = spec.prompts if len(spec.prompts) == ids.shape[0] else spec.prompts * ids.shape[0]
     if len(texts) != ids.shape[0]:
@@ -374,7 +376,7 @@ def _baseline_ids(handle, spec: Baseline, ids: torch.Tensor, mask: torch.Tensor)
     return base_ids
 
 
-def _paired_embeds(handle, harmless: Sequence[str], prompts: Sequence[str], mask: torch.Tensor,
+def _paired_embeds(handle: ModelHandle, harmless: Sequence[str], prompts: Sequence[str], mask: torch.Tensor,
                    x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """(x', replaced, kind per pair) for the paired harmless baseline (see :class:`Baseline`)."""
     if not harmless:
@@ -410,7 +412,7 @@ def _baseline_label(spec: Baseline) -> str:
     return "paired" if spec.kind == "paired" else f"{spec.kind}:{spec.scope}"
 
 
-def _baseline_embeds(handle, spec: Baseline, prompts: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
+def _baseline_embeds(handle: ModelHandle, spec: Baseline, prompts: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
                      x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """(x', replaced, kind per prompt): the baseline embeddings and the positions where they replace x."""
     if spec.kind == "paired":
@@ -426,7 +428,7 @@ def _baseline_embeds(handle, spec: Baseline, prompts: Sequence[str], ids: torch.
     return torch.where(replaced.bool()[..., None], base, x), replaced, kinds
 
 
-def integrated_gradients(handle, prompts: Sequence[str], metric: Metric | RefusalTokens,
+def integrated_gradients(handle: ModelHandle, prompts: Sequence[str], metric: Metric | RefusalTokens,
                          spec: IGSpec = IGSpec()) -> IntegratedGradients:
     """IG of ``metric`` (of the last position's logits) w.r.t. the input token embeddings.
 
@@ -447,7 +449,8 @@ def integrated_gradients(handle, prompts: Sequence[str], metric: Metric | Refusa
     grad_sum = torch.zeros_like(x)
     values = torch.zeros(len(prompts), n_alpha, device=x.device)
     rows = [(p, k) for p in range(len(prompts)) for k in range(n_alpha)]
-    for chunk in batches(rows, spec.batch_size):
+    label = f"integrated gradients: {progress.count(len(prompts), 'prompt')} × {n_alpha} points on the path"
+    for chunk in progress.track(list(batches(rows, spec.batch_size)), label, unit="batch", quiet=True):
         p_idx = torch.tensor([p for p, _ in chunk], device=x.device)
         k_idx = torch.tensor([k for _, k in chunk], device=x.device)
         a = alpha_t[k_idx][:, None, None]
@@ -513,10 +516,11 @@ def _head_reducer(z: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor) -> to
     return _masked(grad.float() * z.float(), keep[..., None, None]).sum((1, 3))
 
 
-def _per_batch(handle, prompts: Sequence[str], metric: Metric, watch: Mapping[str, Reducer],
+def _per_batch(handle: ModelHandle, prompts: Sequence[str], metric: Metric, watch: Mapping[str, Reducer],
                spec: GradientSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     values, reduced = [], {name: [] for name in watch}
-    for chunk in batches(prompts, spec.batch_size):
+    label = f"gradients at {progress.count(len(watch), 'hook point')}: {progress.count(len(prompts), 'prompt')}"
+    for chunk in progress.track(list(batches(prompts, spec.batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
         out = _backward(handle, ids, mask, metric, watch=watch, checkpointing=spec.checkpointing)
         values.append(out.values.cpu())
@@ -542,7 +546,7 @@ class AttentionFlow:
         return _top(self.mean, k, lambda layer, i: Head(layer=layer, head=i))
 
 
-def attention_gradient_flow(handle, prompts: Sequence[str], metric: Metric | RefusalTokens,
+def attention_gradient_flow(handle: ModelHandle, prompts: Sequence[str], metric: Metric | RefusalTokens,
                             spec: GradientSpec = GradientSpec()) -> AttentionFlow:
     """Gradient x attention pattern of every head, one backward pass per batch.
 
@@ -587,7 +591,7 @@ class Saliency:
         return _top(self.mean_head_grad_x_act, k, lambda layer, i: Head(layer=layer, head=i))
 
 
-def neuron_saliency(handle, prompts: Sequence[str], metric: Metric | RefusalTokens,
+def neuron_saliency(handle: ModelHandle, prompts: Sequence[str], metric: Metric | RefusalTokens,
                     spec: GradientSpec = GradientSpec()) -> Saliency:
     """Every neuron's and head's gradient (x activation), all layers, one backward pass per batch."""
     _check_prompts(prompts)

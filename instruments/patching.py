@@ -81,7 +81,9 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from instruments import progress
 from instruments.components import AttnOut, Component, Head, MlpOut, Neuron, Resid, hook_name, layer_of
+from instruments.handle import ModelHandle
 from instruments.metrics import kl_divergence, normalized_effect
 
 Metric = Callable[[Float[torch.Tensor, "batch vocab"]], Float[torch.Tensor, "batch"]]
@@ -410,7 +412,7 @@ def _check_aligned(pairs: _Pairs, spec: PatchSpec) -> None:
             "pairs of equal token length (instruments.positions.same_length)")
 
 
-def _encode_pairs(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str]) -> _Pairs:
+def _encode_pairs(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str]) -> _Pairs:
     if isinstance(clean_prompts, str) or isinstance(corrupted_prompts, str):
         raise TypeError("clean_prompts and corrupted_prompts are sequences of prompts, not strings")
     if len(clean_prompts) != len(corrupted_prompts) or not clean_prompts:
@@ -442,12 +444,14 @@ def _evaluate(metric: Metric, last: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _cached_run(handle, ids: torch.Tensor, mask: torch.Tensor, names: Sequence[str], *, hooks: Sequence[Hook],
+def _cached_run(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor, names: Sequence[str], *,
+                hooks: Sequence[Hook],
                 max_batch: int) -> tuple[Float[torch.Tensor, "prompt vocab"], dict[str, torch.Tensor]]:
     """Last-position logits and the named activations of one unpatched run (chunked)."""
     lasts: list[torch.Tensor] = []
     acts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    for chunk in _chunks(ids.shape[0], max_batch):
+    label = f"unpatched run: {progress.count(ids.shape[0], 'prompt')}"
+    for chunk in progress.track(_chunks(ids.shape[0], max_batch), label, unit="batch", quiet=True):
         with handle.bridge.hooks(fwd_hooks=list(hooks)):
             logits, cache = handle.bridge.run_with_cache(ids[chunk], attention_mask=mask[chunk],
                                                          names_filter=list(names), **LAST_ONLY)
@@ -496,7 +500,7 @@ def _start_layer(group: tuple[_Site, ...]) -> int:
     return 0 if any(layer is None for layer in layers) else min(layers)  # type: ignore[type-var]
 
 
-def _layer_stack(handle) -> Any | None:
+def _layer_stack(handle: ModelHandle) -> Any | None:
     """The HF module whose ``layers`` ModuleList holds the bridge's blocks in order (None: no skip).
 
     The layer loop of e.g. ``LlamaModel.forward`` iterates ``self.layers[:num_hidden_layers]``;
@@ -534,7 +538,7 @@ def _inject(act: torch.Tensor, hook: Any, *, resid: torch.Tensor) -> torch.Tenso
     return resid.to(act.dtype)
 
 
-def _hooks_after(handle, hooks: Sequence[Hook], start: int) -> list[Hook] | None:
+def _hooks_after(handle: ModelHandle, hooks: Sequence[Hook], start: int) -> list[Hook] | None:
     """Base-run hooks for a forward starting at block ``start`` (None: cannot tell, do not skip).
 
     Hooks in blocks before ``start`` never fire there, and one at ``start``'s input hook
@@ -561,7 +565,7 @@ _SKIP_VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictiona
 
 
 @torch.no_grad()
-def _skip_verified(handle, stack: Any, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+def _skip_verified(handle: ModelHandle, stack: Any, ids: torch.Tensor, mask: torch.Tensor) -> bool:
     """Once per model: one prompt, full forward against forwards skipped to a few layers.
 
     Guards against architectures whose layer loop uses the layer's place in the list
@@ -606,7 +610,7 @@ class _Plan:
         return tuple(sorted({start for _, start in self.chunks} - {0}))
 
 
-def _plan(handle, pairs: _Pairs, groups: Sequence[tuple[_Site, ...]], spec: PatchSpec) -> _Plan:
+def _plan(handle: ModelHandle, pairs: _Pairs, groups: Sequence[tuple[_Site, ...]], spec: PatchSpec) -> _Plan:
     n_prompts = pairs.n_prompts
     n_copies = len(groups) * n_prompts
     base_hooks = list(spec.corrupt_hooks) if spec.direction == "denoising" else []
@@ -637,8 +641,8 @@ def _plan(handle, pairs: _Pairs, groups: Sequence[tuple[_Site, ...]], spec: Patc
 
 
 @torch.no_grad()
-def _patched_runs(handle, pairs: _Pairs, groups: Sequence[tuple[_Site, ...]], metric: Metric, spec: PatchSpec,
-                  plan: _Plan, source_acts: dict[str, torch.Tensor], base_acts: dict[str, torch.Tensor],
+def _patched_runs(handle: ModelHandle, pairs: _Pairs, groups: Sequence[tuple[_Site, ...]], metric: Metric,
+                  spec: PatchSpec, plan: _Plan, source_acts: dict[str, torch.Tensor], base_acts: dict[str, torch.Tensor],
                   clean_last: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The metric (and KL from clean) of every group patched into every base prompt: [group, prompt].
 
@@ -651,7 +655,9 @@ def _patched_runs(handle, pairs: _Pairs, groups: Sequence[tuple[_Site, ...]], me
     n_copies = len(groups) * n_prompts
     values = torch.empty(n_copies)
     kls = torch.empty(n_copies) if clean_last is not None else None
-    for chunk, start in plan.chunks:
+    label = (f"exact patching, {spec.direction}: {progress.count(len(groups), 'patch')} × "
+            f"{progress.count(n_prompts, 'pair')}")
+    for chunk, start in progress.track(plan.chunks, label, unit="batch", quiet=True):
         copies = plan.order[chunk]
         prompt_idx = (copies % n_prompts).to(base_ids.device)
         chunk_groups = [groups[k // n_prompts] for k in copies.tolist()]
@@ -712,7 +718,7 @@ class PatchRuns:
             raise ValueError(f"these PatchRuns hold no activations at {missing[:4]}; make them with those hook points")
 
 
-def _unpatched_runs(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], pairs: _Pairs,
+def _unpatched_runs(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], pairs: _Pairs,
                     spec: PatchSpec, *, source_names: Sequence[str], base_names: Sequence[str]) -> PatchRuns:
     # the source run's activations to splice and the base run's residuals to start from;
     # both runs give the baselines (and clean the KL reference)
@@ -728,7 +734,7 @@ def _unpatched_runs(handle, clean_prompts: Sequence[str], corrupted_prompts: Seq
                      corrupted_last=corrupted_last, clean_acts=clean_acts, corrupted_acts=corrupted_acts)
 
 
-def head_runs(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str],
+def head_runs(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str],
               spec: PatchSpec = PatchSpec()) -> PatchRuns:
     """The unpatched runs for :func:`patch_heads` calls over any of ``spec``'s layers (None: all).
 
@@ -743,7 +749,7 @@ def head_runs(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[
                            base_names=[_resid_name(layer) for layer in layers if layer > 0])
 
 
-def _patch(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def _patch(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
            spec: PatchSpec, *, kind: str, axes: tuple[str, ...], coords: Sequence[Sequence[int]],
            groups: Callable[[_Pairs], Sequence[tuple[_Site, ...]]], runs: PatchRuns | None = None) -> PatchResult:
     """Cache the source once (or take ``runs``), run every group patched into every base prompt, shape the result.
@@ -772,7 +778,7 @@ def _patch(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str
                        corrupted=_evaluate(metric, runs.corrupted_last), positions=spec.positions)
 
 
-def patch_components(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def patch_components(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                      groups: Sequence[Component | Sequence[Component]],
                      spec: PatchSpec = PatchSpec()) -> PatchResult:
     """Patch each group of components *together* (one run per group and prompt): ``[group, prompt]``.
@@ -790,7 +796,7 @@ def patch_components(handle, clean_prompts: Sequence[str], corrupted_prompts: Se
 
 # ----------------------------------------------------------------------------- named variants
 
-def patch_heads(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def patch_heads(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                 spec: PatchSpec = PatchSpec(), *, runs: PatchRuns | None = None) -> PatchResult:
     """Every query head's ``z`` at all positions: ``metric[layer, head, prompt]``.
 
@@ -804,8 +810,8 @@ def patch_heads(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequenc
                   runs=runs)
 
 
-def patch_heads_by_pos(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
-                       spec: PatchSpec = PatchSpec(), *, n_positions: int = 8) -> PatchResult:
+def patch_heads_by_pos(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str],
+                       metric: Metric, spec: PatchSpec = PatchSpec(), *, n_positions: int = 8) -> PatchResult:
     """Every head at each of the last ``n_positions`` tokens: ``metric[layer, pos, head, prompt]``.
 
     ``pos`` coordinates run -n_positions .. -1 (from the end of the left-padded prompts).
@@ -820,7 +826,7 @@ def patch_heads_by_pos(handle, clean_prompts: Sequence[str], corrupted_prompts: 
                   axes=("layer", "pos", "head"), coords=(layers, range(-n_positions, 0), heads), groups=groups)
 
 
-def patch_resid(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def patch_resid(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                 spec: PatchSpec = PatchSpec(), *, n_positions: int = 8) -> PatchResult:
     """The residual stream entering each layer at each of the last tokens: ``metric[layer, pos, prompt]``."""
     layers = spec.resolve_layers(handle.n_layers)
@@ -833,26 +839,26 @@ def patch_resid(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequenc
                   coords=(layers, range(-n_positions, 0)), groups=groups)
 
 
-def _patch_block_out(handle, clean_prompts, corrupted_prompts, metric, spec: PatchSpec, *, cls: type,
+def _patch_block_out(handle: ModelHandle, clean_prompts, corrupted_prompts, metric, spec: PatchSpec, *, cls: type,
                      kind: str) -> PatchResult:
     layers = spec.resolve_layers(handle.n_layers)
     return _patch(handle, clean_prompts, corrupted_prompts, metric, spec, kind=kind, axes=("layer",),
                   coords=(layers,), groups=lambda pairs: [(_site(cls(layer=layer)),) for layer in layers])
 
 
-def patch_attn_out(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def patch_attn_out(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                    spec: PatchSpec = PatchSpec()) -> PatchResult:
     """Each layer's attention output at all positions: ``metric[layer, prompt]``."""
     return _patch_block_out(handle, clean_prompts, corrupted_prompts, metric, spec, cls=AttnOut, kind="attn_out")
 
 
-def patch_mlp_out(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def patch_mlp_out(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                   spec: PatchSpec = PatchSpec()) -> PatchResult:
     """Each layer's MLP output at all positions: ``metric[layer, prompt]``."""
     return _patch_block_out(handle, clean_prompts, corrupted_prompts, metric, spec, cls=MlpOut, kind="mlp_out")
 
 
-def patch_neurons(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def patch_neurons(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                   spec: PatchSpec = PatchSpec(), *, neurons: Sequence[int] | None = None) -> PatchResult:
     """MLP neurons (``mlp.hook_post``) at all positions: ``metric[layer, neuron, prompt]``.
 
@@ -882,7 +888,7 @@ def _keep(act: torch.Tensor, hook: Any, *, name: str, store: dict[str, torch.Ten
     return act
 
 
-def attribution_patch(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def attribution_patch(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                       spec: PatchSpec = PatchSpec(), *, neurons: bool = True) -> AtpResult:
     """First-order estimate of every head's and every MLP neuron's patching effect, per prompt.
 
@@ -906,7 +912,10 @@ def attribution_patch(handle, clean_prompts: Sequence[str], corrupted_prompts: S
                                            max_batch=spec.max_batch)
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     base_values = []
-    for chunk in _chunks(pairs.n_prompts, spec.max_batch):
+    units = "heads and neurons" if neurons else "heads"
+    label = (f"AtP, {spec.direction}: {progress.count(pairs.n_prompts, 'pair')}, {units} of "
+            f"{progress.count(len(layers), 'layer')}")
+    for chunk in progress.track(_chunks(pairs.n_prompts, spec.max_batch), label, unit="batch", quiet=True):
         store: dict[str, torch.Tensor] = {}
         hooks = [*base_hooks, (hook_name(Resid(layer=0)), _as_leaf)]
         hooks += [(name, partial(_keep, name=name, store=store)) for name in names]
@@ -943,7 +952,7 @@ def _complement_splice(act: torch.Tensor, hook: Any, *, source: torch.Tensor, ke
 
 
 @torch.no_grad()
-def patch_complement(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def patch_complement(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                      circuits: Sequence[Sequence[Component]], spec: PatchSpec = PatchSpec()) -> PatchResult:
     """Each circuit in isolation: every head and MLP neuron *outside* it patched, ``metric[circuit, prompt]``.
 
@@ -971,7 +980,9 @@ def patch_complement(handle, clean_prompts: Sequence[str], corrupted_prompts: Se
     source_acts = {n: a[:, window] for n, a in source_acts.items()}  # only the window is ever spliced
     base_last, _ = _cached_run(handle, base_ids, base_mask, [], hooks=(), max_batch=spec.max_batch)
     values = torch.empty(len(circuits), pairs.n_prompts)
-    for g, circuit in enumerate(circuits):
+    label = (f"circuits in isolation, {spec.direction}: {progress.count(len(circuits), 'circuit')} × "
+            f"{progress.count(pairs.n_prompts, 'pair')}")
+    for g, circuit in enumerate(progress.track(circuits, label, unit="circuit", quiet=True)):
         # per hook, which units the circuit keeps: a head's flag broadcasts over its d_head
         heads = {hook_name(Head(layer=L, head=0)): torch.zeros(handle.n_heads, 1, dtype=torch.bool) for L in layers}
         neurons = {hook_name(Neuron(layer=L, index=0)): torch.zeros(handle.d_mlp, dtype=torch.bool) for L in layers}
@@ -1003,7 +1014,7 @@ def top_heads(atp: AtpResult, k: int) -> tuple[Head, ...]:
     return tuple(Head(layer=atp.layers[i // n_heads], head=i % n_heads) for i in flat)
 
 
-def verify_top_k(handle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
+def verify_top_k(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], metric: Metric,
                  atp: AtpResult, *, k: int, spec: PatchSpec = PatchSpec()) -> TopKCheck:
     """Exactly patch the top-k AtP heads (one at a time, batched) beside their AtP estimates."""
     if spec.direction != atp.direction:

@@ -25,6 +25,8 @@ from typing import Iterator, Sequence
 import torch
 from jaxtyping import Bool, Int
 
+from instruments.handle import ModelHandle
+
 _SENTINEL = "\u2063REFUSAL-CIRCUITS-USER-MESSAGE\u2063"
 
 
@@ -51,7 +53,7 @@ class Spans:
         return [int(n) for n in self.mask.sum(1)]
 
 
-def template_parts(handle) -> tuple[str, str]:
+def template_parts(handle: ModelHandle) -> tuple[str, str]:
     """(text before, text after) the user's message in the handle's chat format."""
     text = handle.chat(_SENTINEL)
     if text.count(_SENTINEL) != 1:
@@ -61,7 +63,7 @@ def template_parts(handle) -> tuple[str, str]:
     return before, after
 
 
-def spans(handle, prompts: Sequence[str]) -> Spans:
+def spans(handle: ModelHandle, prompts: Sequence[str]) -> Spans:
     """Encode ``prompts`` as :meth:`ModelHandle.encode` does, and mark each token's origin."""
     if isinstance(prompts, str):
         raise TypeError("spans takes a sequence of prompts, not one string")
@@ -96,18 +98,18 @@ def _trailing(flags: torch.Tensor) -> int:
     return n
 
 
-def post_instruction_length(handle) -> int:
+def post_instruction_length(handle: ModelHandle) -> int:
     """Template tokens after the user's message: the positions that correspond in every prompt."""
     return spans(handle, ["Hello there.", "What is the capital of France?"]).post
 
 
-def token_lengths(handle, prompts: Sequence[str]) -> list[int]:
+def token_lengths(handle: ModelHandle, prompts: Sequence[str]) -> list[int]:
     """Each prompt's token count after chat formatting (padding excluded)."""
     _, mask = handle.encode(list(prompts))
     return [int(n) for n in mask.sum(1)]
 
 
-def same_length(handle, first: Sequence[str], second: Sequence[str]) -> Bool[torch.Tensor, "pair"]:
+def same_length(handle: ModelHandle, first: Sequence[str], second: Sequence[str]) -> Bool[torch.Tensor, "pair"]:
     """Which pairs (first[i], second[i]) have the same token length: all their positions correspond."""
     if len(first) != len(second):
         raise ValueError(f"{len(first)} and {len(second)} prompts: pairs need equal numbers")
