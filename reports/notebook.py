@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 from reports.context import RunContext
 from reports.document import Block, Figure
-from reports.render import environments
+from reports.templating import block_markdown
 
 
 def result_blocks(ctx: RunContext) -> Iterator[tuple[str, str, list[Block]]]:
@@ -23,12 +23,6 @@ def result_blocks(ctx: RunContext) -> Iterator[tuple[str, str, list[Block]]]:
         for name, title, build in members:
             yield name, title, build(ctx)
     yield "phase4/ablation", "Ablation conditions", fig_verification.ablation(ctx)
-
-
-def block_markdown(block: Block) -> str:
-    """A block as the report's Markdown (figures as a reference line)."""
-    macros: Any = environments()[1].get_template("blocks.md.j2").module
-    return str(macros.block(block))
 
 
 def verdict_markdown(ctx: RunContext) -> str:

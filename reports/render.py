@@ -18,15 +18,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from fixtures.storage import atomic_write_bytes
 from reports.context import RunContext, load_run
 from reports.document import Document, all_figures
 from reports.plots import PLOT_CONFIG
+from reports.templating import TEMPLATES, environments
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 HTML_NAME, MD_NAME = "report.html", "report.md"
 _HTML_KEY = re.compile(r'<meta name="refusal-run" content="([^"]*)"')
 _MD_KEY = re.compile(r"<!-- refusal-run: ([^ ]*) -->")
@@ -46,57 +45,6 @@ class RenderResult:
     figures: int
     missing: tuple[str, ...]
     status: str
-
-
-class Raw(str):
-    """Markdown text that must not be escaped (inside code spans and fenced blocks)."""
-
-
-def md_escape(value: object) -> str:
-    """Neutralise HTML in Markdown text (viewers render raw HTML) and keep table pipes literal."""
-    if isinstance(value, Raw):
-        return value
-    text = "" if value is None else str(value)
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-
-
-def md_code(text: object, in_table: bool = False) -> Raw:
-    """A code span whose fence is longer than any backtick run inside it."""
-    text = str(text).replace("\n", " ")
-    if in_table:
-        text = text.replace("|", "\\|")
-    runs = [len(m) for m in re.findall(r"`+", text)]
-    fence = "`" * (max(runs, default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return Raw(f"{fence}{pad}{text}{pad}{fence}")
-
-
-def md_fence(text: object) -> Raw:
-    text = str(text)
-    runs = [len(m) for m in re.findall(r"`+", text)]
-    fence = "`" * max(3, max(runs, default=0) + 1)
-    return Raw(f"{fence}\n{text.rstrip()}\n{fence}")
-
-
-def md_cell(text: object) -> Raw:
-    return Raw(md_escape(str(text).replace("\n", " ")))
-
-
-def _kind(block: object) -> str:
-    return type(block).__name__.lower()
-
-
-def environments() -> tuple[Environment, Environment]:
-    """(html, markdown) environments. HTML autoescapes everything; Markdown escapes every output
-    through ``finalize`` unless a filter marked it Raw."""
-    common = {"loader": FileSystemLoader(TEMPLATES), "undefined": StrictUndefined, "trim_blocks": True,
-              "lstrip_blocks": True, "keep_trailing_newline": True}
-    html = Environment(autoescape=True, **common)
-    md = Environment(autoescape=False, finalize=md_escape, **common)
-    for env in (html, md):
-        env.filters["kind"] = _kind
-    md.filters.update(code=md_code, fence=md_fence, cell=md_cell, raw=Raw)
-    return html, md
 
 
 def _plotly_js() -> Markup:

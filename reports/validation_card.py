@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from reports import fmt
 from reports.document import Block, Span, bullets, cell, para, table
+from reports.templating import block_markdown
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PATH = REPO_ROOT / "docs" / "validation_card.json"
@@ -90,6 +91,7 @@ class Card:
     seconds: float | None
     machine: str
     members: tuple[str, ...]
+    designs: tuple[str, ...]  # one sentence per member: what it is and the truth it fixes
     n_runs: int
     n_planted: int
     n_null: int
@@ -167,6 +169,13 @@ def _line(data: Any, i: int) -> CardLine:
                     wrong_refutations=true.refuted if wrong is None else _int(wrong, f"{where}.wrong_refutations"))
 
 
+def _design(member: Mapping[str, Any]) -> str:
+    hard = f" ({member['hard_case']})" if member.get("hard_case") else ""
+    truth = member.get("truth") or {}
+    fixed = ", ".join(f"{k} {'true' if v else 'false'}" for k, v in truth.items() if v is not None)
+    return f"{member.get('name', '?')}{hard}: {member.get('description', '')}. Truth: {fixed or 'none fixed'}."
+
+
 def _list(data: Mapping[str, Any], key: str) -> list:
     value = _need(data, key, "the card")
     if not isinstance(value, list):
@@ -190,6 +199,7 @@ def parse(data: Any, path: Path) -> Card:
                 code_version=str(data.get("code_version") or ""),
                 seconds=fmt.finite(data.get("seconds")), machine=str(data.get("machine") or ""),
                 members=tuple(str(m.get("name", "?")) if isinstance(m, Mapping) else str(m) for m in members),
+                designs=tuple(_design(m) for m in members if isinstance(m, Mapping)),
                 n_runs=len(runs), n_planted=kinds.count("planted"), n_null=kinds.count("null"),
                 n_shuffled=kinds.count("shuffled"), lines=tuple(_line(ln, i) for i, ln in enumerate(lines)),
                 null_fpr=NullFpr(rate=_rate(null, "null_fpr"),
@@ -298,3 +308,13 @@ def blocks(read: CardRead, *, code_version: str | None = None) -> list[Block]:
     else:
         out.append(para("The card records no findings."))
     return out
+
+
+def markdown(read: CardRead) -> str:
+    """The card as a page (docs/validation_card.md): the report's very blocks, then the designs."""
+    card = read.card
+    title = f"# Validation card ({card.mode})" if card is not None else "# Validation card"
+    parts = [title, *(block_markdown(b) for b in blocks(read))]
+    if card is not None and card.designs:
+        parts += ["## Designs", block_markdown(bullets(list(card.designs)))]
+    return "\n\n".join(p.strip("\n") for p in parts) + "\n"

@@ -18,21 +18,16 @@ import pytest
 
 from fixtures import family
 from hypotheses import validation as val
+from reports import validate, validation_card
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
-def card(request):
-    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
-
-    def progress(i, n, run, eta):  # shown through pytest's capture: the card takes minutes
-        if terminal is not None:
-            terminal.write_line(f"validation card [{i}/{n}] {run.kind} {run.member} seed {run.seed}: "
-                                f"{run.seconds:.0f} s, ETA {eta / 60:.1f} min")
-
+def card():
+    # run_all reports each study with an ETA through instruments.progress, which the plugin shows despite capture
     start, cfg = time.time(), val.family_config()
-    runs = val.run_all("quick", cfg, progress=progress)
+    runs = val.run_all("quick", cfg)
     return val.summarize(runs, mode="quick", seconds=time.time() - start, cfg=cfg)
 
 
@@ -79,7 +74,8 @@ def test_a_wrong_verdict_is_reported_and_fails_the_command(tmp_path):
     assert _wrong(card) and card["lines"][family.LINES.index("C1/patching")]["fpr_false"]["k"] == 1
     assert val.is_wrong("refuted", True) and val.is_wrong("supported", False)
     assert not val.is_wrong("inconclusive", True) and not val.is_wrong("supported", None)
-    js, md = val.write_card(card, tmp_path)
+    js = val.write_card(card, tmp_path)
+    md = validate.write_page(js)
     assert json.loads(js.read_text())["findings"] == card["findings"] and "WRONG" in md.read_text()
 
 
@@ -96,12 +92,24 @@ def test_the_committed_card_is_clean():
 
 def test_suite_validate_is_an_entry_point():
     script = (Path(__file__).resolve().parent.parent / "suite").read_text()
-    assert "validate) exec .venv/bin/python -m hypotheses.validation" in script
+    assert "validate) exec .venv/bin/python -m reports.validate" in script
 
 
 def test_an_unwritable_card_folder_is_refused_before_any_study(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert val.main(["--quick", "--out", str(blocker / "card")]) == 2
+    assert validate.main(["--quick", "--out", str(blocker / "card")]) == 2
     err = capsys.readouterr().err
     assert "cannot write the card to" in err and "pass --out a writable folder" in err
+
+
+def test_the_committed_card_page_is_the_reports_rendering_of_its_json():
+    """docs/validation_card.md is rendered from the JSON by the report's own blocks: one renderer."""
+    path = val.DOCS / "validation_card.json"
+    if not path.exists():
+        pytest.skip("no committed card: run ./suite validate")
+    page = path.with_suffix(".md").read_text()
+    assert page == validation_card.markdown(validation_card.read_card(path)), (
+        "docs/validation_card.md is stale: rewrite it with .venv/bin/python -c "
+        "\"from pathlib import Path; from reports.validate import write_page; "
+        "write_page(Path('docs/validation_card.json'))\"")
