@@ -21,8 +21,8 @@ import torch
 from instruments import progress
 from instruments.components import AttnOut, MlpOut, ResidPost, hook_name
 from instruments.handle import ModelHandle
-from instruments.patching import Metric, PatchResult, PatchSpec, _base_and_source, _cached_run, _encode_pairs, \
-    _evaluate
+from instruments.patching.sites import _cached_run, _encode_pairs, _evaluate
+from instruments.patching.spec import Metric, PatchResult, PatchSpec, _base_and_source
 
 BLOCKS = {"attn_out": AttnOut, "mlp_out": MlpOut}
 

@@ -46,6 +46,7 @@ import pytest
 import torch
 
 from instruments import patching as P
+from instruments.patching import prefix as patch_prefix, sites as patch_sites
 from instruments.components import Head, hook_name
 from instruments.metrics import fallback_tokens, refusal_score
 
@@ -128,9 +129,9 @@ def _transformer_lens_heads(subject, clean, corrupted, metric, layers) -> tuple[
 
 def _layer_rows(subject, clean, corrupted, layers, spec) -> tuple[int, int]:
     """(forwards, prompt-rows x layers) of our head sweep, the two unpatched runs included."""
-    pairs = P._encode_pairs(subject, clean, corrupted)
-    groups = [(P._site(Head(layer=layer, head=h)),) for layer in layers for h in range(subject.n_heads)]
-    plan = P._plan(subject, pairs, groups, spec)
+    pairs = patch_sites._encode_pairs(subject, clean, corrupted)
+    groups = [(patch_sites._site(Head(layer=layer, head=h)),) for layer in layers for h in range(subject.n_heads)]
+    plan = patch_prefix._plan(subject, pairs, groups, spec)
     rows = sum((chunk.stop - chunk.start) * (subject.n_layers - start) for chunk, start in plan.chunks)
     return 2 + len(plan.chunks), 2 * len(clean) * subject.n_layers + rows
 

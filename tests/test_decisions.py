@@ -422,3 +422,14 @@ def test_decision_sentences_do_not_restate_their_status():
             assert all(listed.count(s) <= 1 for s in ("supported", "refuted", "inconclusive")), v.summary
         else:
             assert not re.search(rf"\b{v.status}\b\W*$", v.summary, re.I), v.summary  # no closing ": inconclusive."
+
+
+def test_a_set_too_large_for_a_disjoint_control_names_the_fix(tiny):
+    """16 heads cannot hold a set of 10 and a disjoint random 10: the error says so and what to change."""
+    from hypotheses.evidence import matched_random_circuit
+    from instruments.components import Head
+
+    heads = [Head(layer=layer, head=h) for layer in range(tiny.n_layers) for h in range(tiny.n_heads)][:10]
+    with pytest.raises(ValueError, match=r"set of 10 heads needs 10 more heads.*has 16 in all.*--refusal-top-heads"):
+        matched_random_circuit(tiny, heads, seed=0)
+    assert len(set(matched_random_circuit(tiny, heads[:8], seed=0)) - set(heads[:8])) == 8

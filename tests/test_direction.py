@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
+import pkgutil
 import re
 import time
 
@@ -331,7 +333,12 @@ FORBIDDEN_CALLS = {"save", "save_pretrained", "save_file", "save_model", "save_s
 FORBIDDEN_IMPORTS = {"safetensors", "pickle", "shutil", "tempfile", "pathlib", "os", "io", "json"}
 
 
-@pytest.mark.parametrize("module", [direction, ablation], ids=lambda m: m.__name__)
+# every module of the two packages, so a module added to either is checked too
+SAFETY_MODULES = [importlib.import_module(f"{package.__name__}.{info.name}")
+                  for package in (direction, ablation) for info in pkgutil.iter_modules(package.__path__)]
+
+
+@pytest.mark.parametrize("module", SAFETY_MODULES, ids=lambda m: m.__name__)
 def test_no_way_to_save_or_export_a_modified_model(module):
     """Safety rule: refusal may be removed in memory, for a block, never persisted."""
     own = [(name, obj) for name, obj in vars(module).items()

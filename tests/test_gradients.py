@@ -16,6 +16,7 @@ from fixtures.config import RefusalConfig
 from instruments import gradients, metrics, positions
 from instruments.components import Embed, Head, Neuron, Pattern, hook_name
 from instruments.gradients import COMPLETENESS_BAR, Baseline, GradientSpec, IGSpec
+from instruments.gradients.backward import _is_checkpointing
 
 # Byte tokenizer: prompts with the same number of characters have the same number of
 # tokens, so each input has a same-length baseline prompt differing in a few words.
@@ -273,7 +274,7 @@ def test_custom_metric_and_its_contract(tiny):
 
 def _model_state(handle):
     model = handle.hf_model
-    return (gradients._is_checkpointing(model), bool(getattr(model, "_require_grads_hooks", None)),
+    return (_is_checkpointing(model), bool(getattr(model, "_require_grads_hooks", None)),
             tuple(m.training for m in model.modules()), any(p.requires_grad or p.grad is not None
                                                             for p in model.parameters()))
 

@@ -58,10 +58,10 @@ def test_the_concrete_handle_has_every_member_of_the_protocol(tiny):
 def test_instruments_use_only_what_the_protocol_names():
     """Every ``handle.<name>`` in instruments/ is a member of the protocol, so a new handle knows what to provide."""
     used: dict[str, list[str]] = {}
-    for path in sorted((REPO_ROOT / "instruments").glob("*.py")):
+    for path in sorted((REPO_ROOT / "instruments").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "handle":
-                used.setdefault(node.attr, []).append(f"{path.name}:{node.lineno}")
+                used.setdefault(node.attr, []).append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
     outside = {name: where for name, where in used.items() if name not in PROTOCOL_MEMBERS}
     assert used and not outside, (f"instruments use handle members that instruments/handle.py does not name: "
                                   f"{outside}; add them to the protocol")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from instruments import patching as P
+from instruments.patching import core as patch_core, prefix as patch_prefix, sites as patch_sites
 from instruments.components import AttnOut, Embed, Head, MlpOut, Neuron, Resid, ResidPost, all_heads, hook_name
 from instruments.metrics import fallback_tokens, refusal_score
 
@@ -189,8 +190,8 @@ def test_shared_runs_give_the_same_numbers_per_layer(tiny, metric, direction, sk
     spec = P.PatchSpec(allow_unaligned=True, direction=direction, skip_prefix=skip_prefix)
     runs = P.head_runs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, spec)
     calls = []
-    real = P._cached_run
-    monkeypatch.setattr(P, "_cached_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = patch_core._cached_run
+    monkeypatch.setattr(patch_core, "_cached_run", lambda *a, **k: calls.append(1) or real(*a, **k))
     for layer in range(tiny.n_layers):
         one = P.PatchSpec(allow_unaligned=True, direction=direction, skip_prefix=skip_prefix, layers=(layer,))
         own = P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, one)
@@ -265,7 +266,7 @@ def _assert_same(skipped, full):
 @pytest.fixture
 def probed(tiny):
     """The once-per-model probe has run (and passed), so layer counts below are the sweep's own."""
-    assert P._skip_verified(tiny, P._layer_stack(tiny), *tiny.encode(UNEQUAL_CLEAN))
+    assert patch_prefix._skip_verified(tiny, patch_prefix._layer_stack(tiny), *tiny.encode(UNEQUAL_CLEAN))
     return tiny
 
 
@@ -298,19 +299,19 @@ def test_prefix_skip_equals_the_full_forward(probed, metric, kind, direction):
 
 def test_prefix_skip_plan_starts_each_chunk_at_one_layer(probed):
     tiny = probed
-    pairs = P._encode_pairs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED)
-    groups = [(P._site(Head(layer=layer, head=h)),) for layer in (3, 0, 2) for h in range(tiny.n_heads)]
-    plan = P._plan(tiny, pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5))
+    pairs = patch_sites._encode_pairs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED)
+    groups = [(patch_sites._site(Head(layer=layer, head=h)),) for layer in (3, 0, 2) for h in range(tiny.n_heads)]
+    plan = patch_prefix._plan(tiny, pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5))
     n_prompts = pairs.n_prompts
     runs = [plan.order[chunk].tolist() for chunk, _ in plan.chunks]
     assert sorted(k for run in runs for k in run) == list(range(len(groups) * n_prompts))
     assert all(len(run) <= 5 for run in runs)
     for (chunk, start), run in zip(plan.chunks, runs):
-        assert {P._start_layer(groups[k // n_prompts]) for k in run} == {start}
+        assert {patch_prefix._start_layer(groups[k // n_prompts]) for k in run} == {start}
     assert [start for _, start in plan.chunks] == sorted(start for _, start in plan.chunks)
     assert plan.starts == (2, 3)
     # without the skip: the old order and chunks, every chunk from layer 0
-    full = P._plan(tiny, pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5, skip_prefix=False))
+    full = patch_prefix._plan(tiny, pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5, skip_prefix=False))
     assert full.order.tolist() == list(range(len(groups) * n_prompts)) and full.stack is None
     assert {start for _, start in full.chunks} == {0} and full.starts == ()
 
@@ -330,14 +331,14 @@ def test_prefix_skip_defaults_on_for_the_cpu_only(probed):
     # an accelerator is bound by the number of forwards, which the skip raises (H100: 7.95x
     # over TL without it, 5.98x with it); a CPU is compute-bound, so there it is on
     tiny = probed
-    pairs = P._encode_pairs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED)
-    groups = [(P._site(Head(layer=layer, head=h)),) for layer in (3, 0, 2) for h in range(tiny.n_heads)]
+    pairs = patch_sites._encode_pairs(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED)
+    groups = [(patch_sites._site(Head(layer=layer, head=h)),) for layer in (3, 0, 2) for h in range(tiny.n_heads)]
     assert P.PatchSpec(allow_unaligned=True).skip_prefix is None
-    assert P._plan(tiny, pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5)).starts == (2, 3)
+    assert patch_prefix._plan(tiny, pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5)).starts == (2, 3)
     for device in ("cuda", "mps"):
-        plan = P._plan(_OnDevice(tiny, device), pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5))
+        plan = patch_prefix._plan(_OnDevice(tiny, device), pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5))
         assert plan.stack is None and plan.starts == ()
-        forced = P._plan(_OnDevice(tiny, device), pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5, skip_prefix=True))
+        forced = patch_prefix._plan(_OnDevice(tiny, device), pairs, groups, P.PatchSpec(allow_unaligned=True, max_batch=5, skip_prefix=True))
         assert forced.starts == (2, 3)
 
 MIXED_GROUPS = [
@@ -426,21 +427,21 @@ def test_prefix_skip_falls_back_without_a_plain_layer_list(tiny, metric):
 
     fake = SimpleNamespace(hf_model=SimpleNamespace(model=SimpleNamespace(layers=list(tiny.bridge.blocks))),
                            bridge=tiny.bridge, n_layers=tiny.n_layers)
-    assert P._layer_stack(fake) is None
+    assert patch_prefix._layer_stack(fake) is None
     fake.hf_model = SimpleNamespace()  # no .model at all
-    assert P._layer_stack(fake) is None
-    assert P._layer_stack(tiny) is tiny.hf_model.model
+    assert patch_prefix._layer_stack(fake) is None
+    assert patch_prefix._layer_stack(tiny) is tiny.hf_model.model
 
 
 def test_prefix_skip_falls_back_when_the_probe_disagrees(tiny, metric, monkeypatch):
     """A model whose skipped forward differs from its full forward runs every layer, with a warning."""
     import weakref
 
-    monkeypatch.setattr(P, "_SKIP_VERIFIED", weakref.WeakKeyDictionary())
-    monkeypatch.setattr(P, "_inject", lambda act, hook, *, resid: act)  # as if the injection were lost
+    monkeypatch.setattr(patch_prefix, "_SKIP_VERIFIED", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(patch_prefix, "_inject", lambda act, hook, *, resid: act)  # as if the injection were lost
     with pytest.warns(RuntimeWarning, match="does not reproduce"):
         skipped = P.patch_mlp_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, max_batch=5))
-    assert P._SKIP_VERIFIED[tiny.bridge] is False
+    assert patch_prefix._SKIP_VERIFIED[tiny.bridge] is False
     full = P.patch_mlp_out(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric,
                            P.PatchSpec(allow_unaligned=True, max_batch=5, skip_prefix=False))
     _assert_same(skipped, full)
@@ -454,7 +455,7 @@ def test_layer_list_is_restored_after_an_exception(tiny, metric, monkeypatch):
         seen.append(len(tiny.hf_model.model.layers))
         raise RuntimeError("hook failed")
 
-    monkeypatch.setattr(P, "_splice", broken_splice)
+    monkeypatch.setattr(patch_sites, "_splice", broken_splice)
     with pytest.raises(RuntimeError, match="hook failed"):
         P.patch_heads(tiny, UNEQUAL_CLEAN, UNEQUAL_CORRUPTED, metric, P.PatchSpec(allow_unaligned=True, layers=(2,)))
     assert seen and seen[0] < tiny.n_layers, "the exception must be raised inside a skipped forward"

@@ -27,7 +27,7 @@ from instruments.patching import PatchSpec, patch_components
 from instruments.positions import post_instruction_length, same_length
 from reports.app.rundata import RunData
 
-# Reference prompts for mean ablation: harmless TRAIN prompts (ablation.py's rule), this many.
+# Reference prompts for mean ablation: harmless TRAIN prompts (instruments.ablation's rule), this many.
 N_REFERENCE = 16
 # Train pairs generated at start-up to discover refusal tokens when the run has none.
 N_DISCOVERY = 8

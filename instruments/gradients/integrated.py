@@ -1,43 +1,18 @@
-"""Gradient attributions of the refusal score, for comparison with patching and ablation.
+"""Integrated gradients (Sundararajan et al. 2017): how much each input token's embedding
+contributes to the metric, relative to a baseline input, with the completeness error per prompt.
 
-Three instruments, all differentiating a scalar metric of the last position's logits
-(default: :func:`instruments.metrics.refusal_score`):
-
-* :func:`integrated_gradients` -- how much each input token's embedding contributes to the
-  metric, relative to a baseline input (Sundararajan et al. 2017; by default each prompt's
-  paired harmless prompt), with the completeness error reported per prompt.
-* :func:`attention_gradient_flow` -- gradient x attention pattern per head.
-* :func:`neuron_saliency` -- gradient and gradient x activation per MLP neuron (and per
-  head's ``z``), all layers in one backward pass.
-
-How gradients exist at all: the model's parameters have ``requires_grad=False`` (and may be
-bitsandbytes-quantized), so the graph is rooted at a *leaf copy of the token embeddings*
-that a ``hook_embed`` forward hook swaps in. Every activation downstream of it then has a
-gradient; no parameter ever gets one. Token ids still go through the bridge, so position
-ids derived from the left-padding mask are exactly those of every other instrument.
-
-Why a sum over the batch is backpropagated: prompts are independent rows (left padding,
-per-row attention mask), so d(sum of metrics)/d(row r's activations) is row r's gradient.
-
-Gradients of hooked activations are reduced inside a tensor hook the moment they arrive
-(e.g. summed over positions), so full ``[batch, pos, d_mlp]`` gradients for every layer are
-never held at once. The hooked activations themselves are kept until then (grad x act
-needs them); with ``checkpointing`` everything else a layer saves for backward is dropped.
-
+The baseline is by default each prompt's paired harmless prompt (see :class:`Baseline`).
 IG baselines matter more than step counts on these models. Measured on SmolLM2-135M train
 pairs at 32 Gauss-Legendre steps: the paired harmless prompt of the same length leaves a
 completeness error of 1e-4 to 3e-3; the zero embedding on the user's message 2% to 18%; the
 blurred baseline of a pair of unequal length up to 141% (9% at 128 steps). Replacing the chat
-template as well makes the path so rough that no affordable step count converges (see
-:class:`Baseline`).
+template as well makes the path so rough that no affordable step count converges.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -45,157 +20,11 @@ from jaxtyping import Float, Int
 
 from instruments import progress
 from instruments.behavior import batches
-from instruments.components import Embed, Head, Neuron, Pattern, hook_name
+from instruments.gradients.backward import Metric, _as_metric, _backward, _check_prompts, _embed, _masked
 from instruments.handle import ModelHandle
-from instruments.metrics import RefusalTokens, refusal_score
+from instruments.metrics import RefusalTokens
 from instruments.positions import same_length, spans
 
-Metric = Callable[[Float[torch.Tensor, "batch vocab"]], Float[torch.Tensor, "batch"]]
-# (activation, its gradient, attention mask [batch, pos] as bool) -> a reduced tensor
-Reducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def refusal_metric(tokens: RefusalTokens) -> Metric:
-    """The refusal score (log-odds of the refusal tokens) as a metric of last-position logits."""
-    return partial(refusal_score, tokens=tokens)
-
-
-def _as_metric(metric: Metric | RefusalTokens) -> Metric:
-    return refusal_metric(metric) if isinstance(metric, RefusalTokens) else metric
-
-
-def _check_prompts(prompts: Sequence[str]) -> None:
-    if isinstance(prompts, str):
-        raise TypeError("pass a sequence of prompts, not one string")
-    if len(prompts) == 0:
-        raise ValueError("no prompts given")
-
-
-# ----------------------------------------------------------------------------- checkpointing
-
-def _checkpointing_layers(hf_model: Any) -> list[torch.nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in hf_model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def _is_checkpointing(hf_model: Any) -> bool:
-    # transformers 5.23 renamed the property; the old name still works but warns.
-    name = "is_activation_checkpointing" if hasattr(type(hf_model), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"
-    return bool(getattr(hf_model, name, False))
-
-
-@contextmanager
-def activation_checkpointing(hf_model: Any, enabled: bool = True) -> Iterator[None]:
-    """Recompute each decoder layer's activations in the backward pass instead of storing them.
-
-    Uses the model's own ``activation_checkpointing_enable`` (``gradient_checkpointing_enable``
-    on older transformers), always **non-reentrant**: the reentrant variant runs the first
-    forward under ``no_grad``, so the activations our hooks capture would have no graph.
-    HF checkpoints a layer only when that layer is in training mode; rather than
-    ``model.train()`` (which would switch on dropout everywhere) only the decoder layers'
-    own ``training`` flag is set, and every flag is restored on exit, as is the input-grad
-    hook that HF's enable call installs. Forward hooks inside a layer fire twice (forward
-    and recompute); the instruments here use the first firing only.
-    """
-    if not enabled:
-        yield
-        return
-    if not getattr(hf_model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(hf_model).__name__} does not support gradient checkpointing; "
-                         "run with checkpointing=False")
-    already = _is_checkpointing(hf_model)
-    had_input_hooks = bool(getattr(hf_model, "_require_grads_hooks", None))
-    layers = _checkpointing_layers(hf_model)
-    modes = [layer.training for layer in layers]
-    try:
-        if not already:
-            kwargs = {"use_reentrant": False}
-            if hasattr(hf_model, "activation_checkpointing_enable"):
-                hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:  # transformers < 5.23
-                hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        for layer in layers:
-            layer.training = True
-        yield
-    finally:
-        for layer, mode in zip(layers, modes):
-            layer.training = mode
-        if not already:
-            if hasattr(hf_model, "activation_checkpointing_disable"):
-                hf_model.activation_checkpointing_disable()
-            else:
-                hf_model.gradient_checkpointing_disable()
-        if not had_input_hooks and getattr(hf_model, "_require_grads_hooks", None):
-            hf_model.disable_input_require_grads()
-
-
-# ----------------------------------------------------------------------------- the backward pass
-
-@torch.no_grad()
-def _embed(handle: ModelHandle, ids: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Token embeddings exactly as ``hook_embed`` sees them, in float32."""
-    return handle.hf_model.get_input_embeddings()(ids).float()
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class _Pass:
-    values: Float[torch.Tensor, "batch"]
-    embed_grad: Float[torch.Tensor, "batch pos d_model"]
-    reduced: Mapping[str, torch.Tensor]
-
-
-def _backward(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor, metric: Metric, *,
-              embeds: torch.Tensor | None = None, watch: Mapping[str, Reducer] | None = None,
-              checkpointing: bool = False) -> _Pass:
-    """One forward and one backward pass; gradients w.r.t. the embeddings and watched hooks."""
-    watch = dict(watch or {})
-    source = _embed(handle, ids) if embeds is None else embeds
-    # float32 leaf, cast in the hook: gradients accumulate in float32 even on bf16 models.
-    leaf = source.detach().float().clone().requires_grad_(True)
-    keep = mask.bool()
-    reduced: dict[str, torch.Tensor] = {}
-    captured: set[str] = set()
-
-    def feed(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        if act.shape != leaf.shape:
-            raise ValueError(f"embedding shape {tuple(act.shape)} != supplied {tuple(leaf.shape)}")
-        return leaf.to(act.dtype)
-
-    def watcher(name: str, reduce: Reducer) -> Callable:
-        def capture(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            # Under checkpointing the layer is recomputed in backward and this hook fires
-            # again on a copy outside the graph being differentiated: keep the first only.
-            if name in captured:
-                return act
-            captured.add(name)
-            saved = act.detach()
-            act.register_hook(lambda grad: reduced.__setitem__(name, reduce(saved, grad.detach(), keep)))
-            return act
-        return capture
-
-    hooks = [(hook_name(Embed()), feed)] + [(name, watcher(name, fn)) for name, fn in watch.items()]
-    with torch.enable_grad(), activation_checkpointing(handle.hf_model, checkpointing), \
-            handle.bridge.hooks(fwd_hooks=hooks):
-        logits = handle.bridge(ids, attention_mask=mask)
-        values = metric(logits[:, -1])
-        if values.shape != (ids.shape[0],):
-            raise ValueError(f"the metric must map [batch, vocab] to [batch]; got shape {tuple(values.shape)}")
-        # Backward inside the hooks block: a checkpointed recompute must see the same hooks.
-        values.sum().backward()
-    missing = sorted(set(watch) - set(reduced))
-    if missing:
-        raise RuntimeError(f"no gradient reached {missing}; these hooks are not on the path to the metric")
-    return _Pass(values=values.detach().float(), embed_grad=leaf.grad, reduced=reduced)
-
-
-def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    # where, not multiply: a padding row's value (even NaN) never leaks into a sum.
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-# ----------------------------------------------------------------------------- integrated gradients
 
 @dataclass(frozen=True, kw_only=True)
 class Baseline:
@@ -472,140 +301,3 @@ def integrated_gradients(handle: ModelHandle, prompts: Sequence[str], metric: Me
                                score=score.cpu(), baseline_score=baseline_score.cpu(), completeness_abs=err.cpu(),
                                completeness_error=rel.cpu(), steps=spec.steps, rule=spec.rule,
                                baseline=_baseline_label(spec.baseline), baselines=kinds)
-
-
-# ----------------------------------------------------------------------------- per-component gradients
-
-@dataclass(frozen=True, kw_only=True)
-class GradientSpec:
-    """Batching and memory options of :func:`attention_gradient_flow` and :func:`neuron_saliency`.
-
-    ``queries`` (attention flow only): ``all`` sums gradient x pattern over every real
-    (query, key) pair -- the first-order effect of the whole head's attention, at every
-    position, on the metric; ``last`` keeps only the last query row -- what the final
-    position reads directly, which misses heads that act earlier in the sequence.
-    """
-
-    batch_size: int = 8
-    checkpointing: bool = False
-    queries: Literal["all", "last"] = "all"
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.queries not in ("all", "last"):
-            raise ValueError("batch_size must be >= 1 and queries 'all' or 'last'")
-
-
-def _pattern_reducer(queries: str) -> Reducer:
-    def reduce(pattern: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        gxa = grad.float() * pattern.float()  # batch head query key
-        if queries == "last":
-            return _masked(gxa[:, :, -1, :], keep[:, None, :]).sum(-1)
-        pair = keep[:, None, :, None] & keep[:, None, None, :]
-        return _masked(gxa, pair).sum((-2, -1))
-    return reduce
-
-
-def _neuron_reducer(act: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    # [batch, 2, d_mlp]: sums over positions of dM/da and of dM/da * a
-    g = _masked(grad.float(), keep[..., None])
-    return torch.stack([g.sum(1), (g * act.float()).sum(1)], dim=1)
-
-
-def _head_reducer(z: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    # z: batch pos head d_head -> batch head
-    return _masked(grad.float() * z.float(), keep[..., None, None]).sum((1, 3))
-
-
-def _per_batch(handle: ModelHandle, prompts: Sequence[str], metric: Metric, watch: Mapping[str, Reducer],
-               spec: GradientSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    values, reduced = [], {name: [] for name in watch}
-    label = f"gradients at {progress.count(len(watch), 'hook point')}: {progress.count(len(prompts), 'prompt')}"
-    for chunk in progress.track(list(batches(prompts, spec.batch_size)), label, unit="batch", quiet=True):
-        ids, mask = handle.encode(chunk)
-        out = _backward(handle, ids, mask, metric, watch=watch, checkpointing=spec.checkpointing)
-        values.append(out.values.cpu())
-        for name in watch:
-            reduced[name].append(out.reduced[name].cpu())
-    return torch.cat(values), {n: torch.cat(parts) for n, parts in reduced.items()}  # reducers put batch first
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class AttentionFlow:
-    """sum over (query, key) of dM/dA * A for every head: [prompt, layer, head]."""
-
-    scores: Float[torch.Tensor, "prompt layer head"]
-    metric: Float[torch.Tensor, "prompt"]
-    queries: str
-
-    @property
-    def mean(self) -> Float[torch.Tensor, "layer head"]:
-        return self.scores.mean(0)
-
-    def top_heads(self, k: int = 10) -> tuple[tuple[Head, float], ...]:
-        """Heads by |mean score|, largest first."""
-        return _top(self.mean, k, lambda layer, i: Head(layer=layer, head=i))
-
-
-def attention_gradient_flow(handle: ModelHandle, prompts: Sequence[str], metric: Metric | RefusalTokens,
-                            spec: GradientSpec = GradientSpec()) -> AttentionFlow:
-    """Gradient x attention pattern of every head, one backward pass per batch.
-
-    dM/dA * A summed over positions is the first-order change of the metric when a head's
-    attention weights are scaled towards zero, the gradient analogue of ablating its pattern.
-    """
-    _check_prompts(prompts)
-    names = [hook_name(Pattern(layer=layer)) for layer in range(handle.n_layers)]
-    values, reduced = _per_batch(handle, prompts, _as_metric(metric),
-                                 {n: _pattern_reducer(spec.queries) for n in names}, spec)
-    return AttentionFlow(scores=torch.stack([reduced[n] for n in names], dim=1), metric=values, queries=spec.queries)
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class Saliency:
-    """Gradients of the metric per MLP neuron (``mlp.hook_post``) and per head (``attn.hook_z``).
-
-    All sums run over a prompt's real positions: ``neuron_grad`` is the metric's derivative
-    when the neuron's activation is shifted by the same amount everywhere;
-    ``neuron_grad_x_act`` (and ``head_grad_x_act``) is the first-order estimate of the
-    metric's change when the activation is scaled up by a fraction, i.e. minus the
-    attribution-patching estimate of zero-ablating it.
-    """
-
-    neuron_grad: Float[torch.Tensor, "prompt layer d_mlp"]
-    neuron_grad_x_act: Float[torch.Tensor, "prompt layer d_mlp"]
-    head_grad_x_act: Float[torch.Tensor, "prompt layer head"]
-    metric: Float[torch.Tensor, "prompt"]
-
-    @property
-    def mean_neuron_grad_x_act(self) -> Float[torch.Tensor, "layer d_mlp"]:
-        return self.neuron_grad_x_act.mean(0)
-
-    @property
-    def mean_head_grad_x_act(self) -> Float[torch.Tensor, "layer head"]:
-        return self.head_grad_x_act.mean(0)
-
-    def top_neurons(self, k: int = 20) -> tuple[tuple[Neuron, float], ...]:
-        return _top(self.mean_neuron_grad_x_act, k, lambda layer, i: Neuron(layer=layer, index=i))
-
-    def top_heads(self, k: int = 10) -> tuple[tuple[Head, float], ...]:
-        return _top(self.mean_head_grad_x_act, k, lambda layer, i: Head(layer=layer, head=i))
-
-
-def neuron_saliency(handle: ModelHandle, prompts: Sequence[str], metric: Metric | RefusalTokens,
-                    spec: GradientSpec = GradientSpec()) -> Saliency:
-    """Every neuron's and head's gradient (x activation), all layers, one backward pass per batch."""
-    _check_prompts(prompts)
-    post = [hook_name(Neuron(layer=layer, index=0)) for layer in range(handle.n_layers)]
-    z = [hook_name(Head(layer=layer, head=0)) for layer in range(handle.n_layers)]
-    watch: dict[str, Reducer] = {**{n: _neuron_reducer for n in post}, **{n: _head_reducer for n in z}}
-    values, reduced = _per_batch(handle, prompts, _as_metric(metric), watch, spec)
-    neurons = torch.stack([reduced[n] for n in post], dim=1)  # prompt layer 2 d_mlp
-    return Saliency(neuron_grad=neurons[:, :, 0], neuron_grad_x_act=neurons[:, :, 1],
-                    head_grad_x_act=torch.stack([reduced[n] for n in z], dim=1), metric=values)
-
-
-def _top(scores: torch.Tensor, k: int, make: Callable[[int, int], Any]) -> tuple[tuple[Any, float], ...]:
-    flat = scores.reshape(-1)
-    order = torch.argsort(flat.abs(), descending=True)[:k]
-    width = scores.shape[1]
-    return tuple((make(int(i) // width, int(i) % width), float(flat[i])) for i in order)
