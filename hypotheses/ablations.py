@@ -20,6 +20,7 @@ from hypotheses import records
 from hypotheses.decisions import side_effect
 from hypotheses.evidence import Condition, positions_label
 from hypotheses.localization import drop_difference
+from hypotheses.records_study import positions_in_words
 from instruments import stats
 from instruments.components import Direction, label, to_json
 
@@ -32,14 +33,20 @@ def random_direction(direction: Direction, d_model: int, seed: int) -> Direction
     return Direction(layer=direction.layer, vector=tuple((noise / noise.norm()).tolist()))
 
 
+def method_text(method: str, positions: int | None) -> str:
+    """How a condition's components are ablated, as words that follow "each" (the report's sentence)."""
+    if method == "zero":
+        return "projected out at every layer and position"
+    return ("replaced, position by position, by its mean over harmless train prompts at "
+            f"{positions_in_words(positions_label(positions))}")
+
+
 def row(c: Condition, alpha: float) -> dict[str, Any]:
     """One condition's record row, before its Holm p-value and side-effect verdict."""
     n = int(c.baseline.refused.size)
     return {"name": c.name, "label": c.name, "kind": c.kind, "control_of": c.control_of,
             "n_components": len(c.components), "components": [label(x) for x in c.components[:N_LISTED]],
-            "method": "projection removed at every layer and position" if c.method == "zero" else
-                      f"mean of harmless train prompts, per position ({positions_label(c.positions)} positions)",
-            "positions": positions_label(c.positions), "n_pairs": n,
+            "method": method_text(c.method, c.positions), "positions": positions_label(c.positions), "n_pairs": n,
             "refusal_rate_baseline": stats.proportion_ci(int(c.baseline.refused.sum()), n, alpha).to_dict(),
             "refusal_rate_ablated": stats.proportion_ci(int(c.ablated.refused.sum()), n, alpha).to_dict(),
             # answers with no letter or digit: a broken model, counted apart from refusal and compliance

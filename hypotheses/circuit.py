@@ -18,8 +18,9 @@ import networkx as nx
 import torch
 
 from fixtures.config import RefusalConfig
-from hypotheses import records
+from hypotheses import circuit_dot, records
 from hypotheses.evidence import Faithfulness, Ranking, ablation_spec, positions_label
+from hypotheses.records_study import positions_in_words
 from instruments import behavior
 from instruments.ablation import ReferenceActivations, ablation_hooks
 from instruments.components import Component, Head, Neuron, hook_name, label
@@ -55,17 +56,6 @@ def upstream(u: Component, v: Component) -> bool:
     return order(u) < order(v)
 
 
-def dot(graph: nx.DiGraph) -> str:
-    """The graph as Graphviz DOT source, node weights in the labels, edge weights as pen widths."""
-    lines = ["digraph refusal_circuit {", "  rankdir=LR;"]
-    for node, data in graph.nodes(data=True):
-        shape = "box" if data["kind"] == "Head" else "ellipse" if data["kind"] == "Neuron" else "doublecircle"
-        lines.append(f'  "{node}" [label="{data["label"]}\\n{data["weight"]:.2f}", shape={shape}];')
-    for u, v, data in graph.edges(data=True):
-        lines.append(f'  "{u}" -> "{v}" [penwidth={1 + 4 * min(1.0, data["weight"]):.2f}];')
-    return "\n".join(lines + ["}"])
-
-
 @dataclass(frozen=True, kw_only=True)
 class CircuitGraph:
     """The circuit's graph, the activations its edges were measured from, and its faithfulness."""
@@ -89,10 +79,10 @@ class CircuitGraph:
             refusal_score={"harmful": faith.score_harmful, "circuit_only": faith.score_circuit,
                            "harmless": faith.score_harmless},
             positions=where, n_pairs=faith.n_pairs, n_heads=sum(isinstance(c, Head) for c in faith.circuit),
-            n_neurons=sum(isinstance(c, Neuron) for c in faith.circuit), dot=dot(graph),
+            n_neurons=sum(isinstance(c, Neuron) for c in faith.circuit), dot=circuit_dot.dot(graph),
             node_link=json.loads(json.dumps(data)),
-            intervention="every head and MLP neuron outside the circuit patched from the harmless analogue "
-                         f"({where} positions), on the harmful test prompts",
+            intervention="every head and MLP neuron outside the circuit patched from the harmless analogue at "
+                         f"{positions_in_words(where)}, on the harmful test prompts",
             prompts=list(self.prompts))
 
 

@@ -138,7 +138,8 @@ A run directory is `runs/<model-alias>/<run-id>/` (see `fixtures/recording.py`):
                                  run), note (why, when changed), previous (the earlier hash, when changed)}}
     preregistration.json         {{sha256, written_utc, record}}: the claims, lines, bars, alpha, corrections,
                                  split sizes and selected components, written and hashed before any stage
-                                 scored a test pair (hypotheses/preregistration.py); absent in older runs
+                                 scored a test pair (hypotheses/preregistration.py); a run that scored
+                                 none writes the bars it would have been held to, with no selection
     results/<safe name>.json     {{"name", "key", "numbers", "prompts", "verdict", "has_arrays", "recorded_at"}}
     results/<safe name>.safetensors   the arrays of that result (when has_arrays)
 
@@ -149,7 +150,7 @@ below; `None` when not recorded), or raw with `fixtures.recording.Recorder(run_d
 (`phase3/heads` -> `phase3_heads.json`). Any result may be missing (a phase skipped or failed):
 readers must say so, never substitute another run's.
 
-A reader accepts a record that lacks fields (older runs, marked below, and hand-made ones), but not
+A reader accepts a record that lacks fields (a hand-made one; the report shows n/a for them), but not
 one whose fields have another type or shape. Every phase's save is checked strictly before it is
 written: each field not marked optional present, no key without a field, and named dimensions
 (`layer`, `head`, `pos`, `prompt`, ...) of one size across the record's lists and arrays.
@@ -193,8 +194,7 @@ def _describe(cls: type[Result]) -> list[str]:
     doc = " ".join(inspect.cleandoc(cls.__doc__ or "").split()).replace("``", "`")
     lines = [f"### `{cls.NAME}` ({cls.__name__})", "", doc, ""]
     for _, p in cls.parts():
-        flags = [flag for flag, on in (("optional", p.optional), ("absent in older runs", p.older)) if on]
-        note = f" ({', '.join(flags)})" if flags else ""
+        note = " (optional)" if p.optional else ""
         lines.append(f"- {p.part} `{p.key}`{note}: {p.spec.text()} — {p.doc}")
     return lines + [""]
 

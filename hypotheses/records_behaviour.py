@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hypotheses.records_spec import (BOOL, EST, FLOAT, INT, STR, ListOf, MapOf, Null, Obj, Result, array, number,
-                                     older, prompt_list)
+                                     prompt_list)
 
 TOKENS = ListOf(STR)
 SIDES_FLOAT = Obj({"harmful": FLOAT, "harmless": FLOAT})
@@ -60,8 +60,8 @@ class Memory(Result):
 
 # ----------------------------------------------------------------------------- phase 2
 
-RATES = Obj({"refusal_rate": EST, "compliance_rate": older(EST), "degenerate_rate": older(EST), "n": INT})
-EXAMPLE = Obj({"prompt": STR, "completion": STR, "refused": BOOL, "degenerate": older(BOOL)})
+RATES = Obj({"refusal_rate": EST, "compliance_rate": EST, "degenerate_rate": EST, "n": INT})
+EXAMPLE = Obj({"prompt": STR, "completion": STR, "refused": BOOL, "degenerate": BOOL})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -45,8 +45,8 @@ class KeywordAttention(Result):
     NAME = "h2/keyword_attention"
     n: int = number(INT, "test pairs the contrast is scored on")
     n_pairs: int = number(INT, "pairs with keywords")
-    n_val: int = number(INT, "val pairs the peak is chosen on", older=True)
-    peak_layer_val: int = number(INT, "the peak layer of the contrast, chosen on val pairs", older=True)
+    n_val: int = number(INT, "val pairs the peak is chosen on")
+    peak_layer_val: int = number(INT, "the peak layer of the contrast, chosen on val pairs")
     early_layers: list = number(INTS, "the first third of the layers")
     at_peak: dict = number(EST, "the contrast at the val peak, on test pairs")
     early_minus_later: dict = number(EST, "the early third's contrast minus the later layers'")
@@ -54,12 +54,12 @@ class KeywordAttention(Result):
     mean: Any = array(("layer",), "the harmful prompts' keyword attention")
     ci_low: Any = array(("layer",), "its CI")
     ci_high: Any = array(("layer",), "its CI")
-    control_mean: Any = array(("layer",), "the control's attention", older=True)
-    control_ci_low: Any = array(("layer",), "its CI", older=True)
-    control_ci_high: Any = array(("layer",), "its CI", older=True)
-    contrast_mean: Any = array(("layer",), "harmful minus control", older=True)
-    contrast_ci_low: Any = array(("layer",), "its CI", older=True)
-    contrast_ci_high: Any = array(("layer",), "its CI", older=True)
+    control_mean: Any = array(("layer",), "the control's attention")
+    control_ci_low: Any = array(("layer",), "its CI")
+    control_ci_high: Any = array(("layer",), "its CI")
+    contrast_mean: Any = array(("layer",), "harmful minus control")
+    contrast_ci_low: Any = array(("layer",), "its CI")
+    contrast_ci_high: Any = array(("layer",), "its CI")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,9 +147,9 @@ class VerdictRecord(Result):
     status: str = verdict(Scalar("str", STATUSES), "the verdict", needed=True)
     summary: str = verdict(STR, "one sentence with the numbers in it")
     evidence: str = verdict(STR, 'the line of evidence, or "overall"')
-    numbers: dict = verdict(LINE, "what the line was decided on; any key may be absent in older runs (the report "
-                            "then leaves that part out), and other keys may follow. title: the claim in words; "
-                            "evidence_result: the result the line rests on (else the claims table's); estimate: the "
+    numbers: dict = verdict(LINE, "what the line was decided on; any key may be absent (a line decided without "
+                            "data records few; the report then leaves that part out), and other keys may follow. "
+                            "title: the claim in words; evidence_result: the result the line rests on (else the claims table's); estimate: the "
                             "value held to the bar; n: pairs or prompts scored; min_detectable_effect: the smallest "
                             "true value the line would declare supported with `power` at its n; control: the "
                             "control's estimate and line minus control; p_value (H0: at or below the bar), p_below "

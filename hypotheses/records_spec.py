@@ -6,8 +6,8 @@ recorded result. Each field says where its value lives in a ``fixtures.recording
 keys, a list's or an array's dimensions) and what it means. The spec is data, so one
 checker, one writer and one schema renderer serve every class.
 
-Reading is lenient: an older run or a hand-made record may lack fields (the report then
-shows n/a), but every field that is there must match its spec, and named dimensions
+Reading is lenient: a record may lack fields (a hand-made one, or a result whose stage did not
+record them; the report then shows n/a), but every field that is there must match its spec, and named dimensions
 (``layer``, ``head``, ``prompt``...) must agree across the record's lists and arrays.
 Writing is strict: every field that is not optional is there, and no key is left
 undocumented, so a new number needs a field (and with it a line in reports/SCHEMA.md).
@@ -148,20 +148,15 @@ class MapOf(Spec):
 
 @dataclass(frozen=True)
 class Key:
-    """A key of an :class:`Obj`: optional keys may be absent from any record, older ones only from
-    older runs (a writer must record them)."""
+    """A key of an :class:`Obj`: an optional key may be absent from any record; a writer must record
+    every other key (a lenient reader tolerates its absence)."""
 
     spec: Spec
     optional: bool = False
-    older: bool = False
 
 
 def optional(spec: Spec) -> Key:
     return Key(spec, optional=True)
-
-
-def older(spec: Spec) -> Key:
-    return Key(spec, older=True)
 
 
 def _keyed(spec: Spec | Key) -> Key:
@@ -195,8 +190,7 @@ class Obj(Spec):
 
         def one(k: str, key: Key) -> str:
             mark = "?" if key.optional else ""
-            note = " (absent in older runs)" if key.older else ""
-            return f"{k}{mark}: {key.spec.text()}{note}"
+            return f"{k}{mark}: {key.spec.text()}"
         return "{" + ", ".join(one(k, _keyed(v)) for k, v in self.keys.items()) + "}"
 
 
@@ -261,7 +255,6 @@ class Part:
     doc: str
     key: str = ""  # its key in the part (default: the field's name); a family's pattern, e.g. "pca.<member>"
     optional: bool = False  # may be absent from any record (the writer records it only sometimes)
-    older: bool = False  # absent in older runs: a reader tolerates its absence, a writer must record it
     needed: bool = False  # a reader cannot use the record without it, even leniently
 
     @property
@@ -272,9 +265,8 @@ class Part:
         return re.compile(re.escape(self.key).replace(re.escape("<member>"), "(?P<member>[^.]+)") + "$")
 
 
-def _field(part: str, spec: Spec, doc: str, *, key: str = "", optional: bool = False, older: bool = False,
-           needed: bool = False) -> Any:
-    meta = Part(part=part, spec=spec, doc=doc, key=key, optional=optional, older=older, needed=needed)
+def _field(part: str, spec: Spec, doc: str, *, key: str = "", optional: bool = False, needed: bool = False) -> Any:
+    meta = Part(part=part, spec=spec, doc=doc, key=key, optional=optional, needed=needed)
     # an optional field may be left out when building one; every other field must be given
     extra = {"default": None} if optional else {}
     return dataclasses.field(metadata={"record": meta}, **extra)

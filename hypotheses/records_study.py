@@ -4,15 +4,30 @@ direction (5). Field descriptions are what reports/SCHEMA.md says about each key
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from hypotheses.records_spec import (ANY, BOOL, COMPONENT, EST, FLOAT, INT, STR, ListOf, MapOf, Null, Obj, Result,
-                                     Scalar, array, number, older, optional, prompt_list)
+                                     Scalar, array, number, optional, prompt_list)
 
 LABELS = ListOf(STR)
 FLOATS = ListOf(FLOAT)
 POSITIONS_TEXT = "the positions patched or ablated, e.g. \"post-instruction (last 6)\" or \"all\""
+_LAST_N = re.compile(r"post-instruction \(last (\d+)\)")
+
+
+def positions_in_words(recorded: Any) -> str:
+    """A recorded positions label in a sentence's words: "post-instruction (last 6)" -> "the last 6
+    post-instruction positions", "all" -> "every position"."""
+    text = str(recorded or "").strip()
+    if not text:
+        return "the positions (not recorded)"
+    if text == "all":
+        return "every position"
+    found = _LAST_N.fullmatch(text)
+    return f"the last {found[1]} post-instruction positions" if found else f"the {text} positions"
+
 
 # ----------------------------------------------------------------------------- phase 3
 
@@ -56,16 +71,15 @@ class HeadRanking(Result):
     atp_vs_exact_spearman: dict = number(EST, "rank agreement of AtP with the exact sweep over every head")
     n_heads: int = number(INT, "heads in the model")
     n_pairs: int = number(INT, "train pairs of the ranking")
-    n_pairs_atp: int = number(INT, "train pairs AtP scores every head and neuron on", older=True)
-    n_pairs_sweep: int = number(INT, "train pairs of the descriptive exact sweep behind the heat map", older=True)
+    n_pairs_atp: int = number(INT, "train pairs AtP scores every head and neuron on")
+    n_pairs_sweep: int = number(INT, "train pairs of the descriptive exact sweep behind the heat map")
     n_pairs_noising: int = number(INT, "train pairs of the noising sweep")
-    n_candidates: int = number(INT, "AtP's top heads verified exactly on the same pairs", older=True)
-    ranking_method: str = number(STR, "how the ranking was made, in words", older=True)
+    n_candidates: int = number(INT, "AtP's top heads verified exactly on the same pairs")
+    ranking_method: str = number(STR, "how the ranking was made, in words")
     positions: str = number(STR, POSITIONS_TEXT)
     heads_over_bar: int = number(INT, "ranked heads whose effect exceeds the bar")
     bar: float = number(FLOAT, "the head-effect bar (--refusal-head-effect)")
-    verified_on_test: dict = number(VERIFIED, "the candidates' exact effects on test pairs (C1's evidence)",
-                                    older=True)
+    verified_on_test: dict = number(VERIFIED, "the candidates' exact effects on test pairs (C1's evidence)")
     exact_denoising: Any = array(("layer", "head"), "normalized exact denoising effect", key="exact.denoising")
     exact_noising: Any = array(("layer", "head"), "normalized exact noising effect", key="exact.noising")
     atp_denoising: Any = array(("layer", "head"), "the AtP estimate on the same normalized scale",
@@ -118,8 +132,8 @@ SIDE_EFFECT = Obj({"kl_harmless": Null(FLOAT), "answer_ce_increase": Null(FLOAT)
 CONDITION = Obj({
     "name": STR, "label": STR, "kind": Scalar("str", ("circuit", "control")), "control_of": Null(STR),
     "n_components": INT, "components": LABELS, "method": STR, "positions": STR, "n_pairs": INT,
-    "refusal_rate_baseline": EST, "refusal_rate_ablated": EST, "degenerate_rate_baseline": older(EST),
-    "degenerate_rate_ablated": older(EST), "relative_drop": EST, "mcnemar_p": Null(FLOAT),
+    "refusal_rate_baseline": EST, "refusal_rate_ablated": EST, "degenerate_rate_baseline": EST,
+    "degenerate_rate_ablated": EST, "relative_drop": EST, "mcnemar_p": Null(FLOAT),
     "mcnemar_table": ListOf(ListOf(INT)), "p_holm": FLOAT, "refusal_score_baseline": FLOAT,
     "refusal_score_ablated": FLOAT, "kl_harmless": Null(FLOAT), "answer_ce_increase": Null(FLOAT),
     "side_effect": SIDE_EFFECT, "difference_vs_control": optional(EST)})
@@ -147,7 +161,7 @@ IG = Obj({"baseline": Obj({"kind": STR, "per_pair": ListOf(STR, dim="ig pair"), 
           "completeness_error": Obj({"per_prompt": ListOf(FLOAT, dim="ig pair"), "max": FLOAT, "median": FLOAT,
                                      "bar": FLOAT, "within_bar": BOOL, "steps": INT, "rule": STR}),
           "n_pairs": INT})
-IG_EXAMPLE = Obj({"prompt": STR, "harmless": older(STR), "baseline": older(STR), "completeness_error": older(FLOAT),
+IG_EXAMPLE = Obj({"prompt": STR, "harmless": STR, "baseline": STR, "completeness_error": FLOAT,
                   "tokens": LABELS, "attributions": FLOATS})
 CORRELATION = Obj({"name": STR, "key": STR, "versus": STR, "estimate": EST})
 
@@ -159,7 +173,7 @@ class Gradients(Result):
 
     NAME = "phase4/gradients"
     ig: dict = number(IG, "integrated gradients' baseline (kind paired, zeros:content...; per pair paired or "
-                      "blurred) and completeness error (relative, per prompt, against its bar)", older=True)
+                      "blurred) and completeness error (relative, per prompt, against its bar)")
     ig_completeness_error: float = number(FLOAT, "the largest relative completeness error")
     ig_steps: int = number(INT, "integration steps")
     ig_examples: list = number(ListOf(IG_EXAMPLE), "token attributions of each IG prompt")

@@ -38,7 +38,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def test_h3_cross_category_matrix(study, recorder):
     if len(study.category_heads) < 2:
-        pytest.skip(f"{len(study.category_heads)} harm categories with train and held-out pairs: H3 needs two")
+        pytest.skip(f"{len(study.category_heads)} harm categories with train and test pairs: H3 needs two")
     cc = study.cross_category
     matrix, overlap = cc.matrix, cc.overlap
     assert matrix.shape == (len(cc.categories),) * 2
@@ -59,7 +59,7 @@ def test_h3_cross_category_matrix(study, recorder):
 def test_h3_category(study, record_verdict, category):
     lines = {v.evidence: v for v in [v for v in study.verdicts if v.claim == "H3"]}
     if category not in lines:
-        pytest.skip(f"category {category!r} has no train or no held-out pairs, so it cannot be tested")
+        pytest.skip(f"category {category!r} has no train or no test pairs, so it cannot be tested")
     record_verdict(lines[category])
 
 

@@ -1,4 +1,4 @@
-"""The organism meets its bar on data it never trained on (issue: the refusal model organism).
+"""The organism meets its bar on data it never trained on.
 
 Unlike the hypotheses, this is a property of an instrument we built: an organism that
 does not refuse would make every later phase measure noise, so a missed bar fails.
@@ -35,10 +35,10 @@ def test_organism_meets_its_bar(organism_manifest, check, recorder):
     _, manifest = organism_manifest
     result = manifest["evaluation"]["bar"][check]
     recorder.save(f"organism/bar-{check}", numbers=result)
-    # Version 7 meets every check, so a recipe or data change that misses one fails CI (it was an
-    # XFAIL with its number until then). Rebuilt organisms are measured afresh: nothing is pinned.
+    # the recipe meets every check, so a recipe or data change that misses one fails CI; a rebuilt
+    # organism is measured afresh, so no number is pinned
     assert result["met"], (f"organism misses its bar on {check}: {result['value']} (needs {result['op']} "
-                           f"{result['threshold']}); see docs/organism.md for the recipe history")
+                           f"{result['threshold']}); docs/organism.md says why the recipe is as it is")
 
 
 def test_organism_card_and_build_time(organism_manifest, recorder):

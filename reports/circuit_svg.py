@@ -1,8 +1,9 @@
 """The circuit diagram (phase5/circuit) as inline SVG.
 
 The graph is rebuilt with networkx from the recorded nodes and edges. With Graphviz
-installed (``dot`` on PATH) it is laid out by ``dot -Tsvg``, from a DOT source written
-here with escaped labels (the recorded ``dot`` text is not trusted as markup). Without it,
+installed (``dot`` on PATH) it is laid out by ``dot -Tsvg``, from DOT written by the phase's
+own writer (hypotheses/circuit_dot.py, escaped labels) from the recorded nodes and edges: the
+recorded ``dot`` text is not trusted as markup. Without it,
 a pure-Python layered layout puts each node in its layer's column, which is what a
 reader of a transformer circuit expects anyway: information flows left to right.
 """
@@ -16,6 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import networkx as nx
 from markupsafe import Markup
+
+from hypotheses import circuit_dot
 
 KIND_COLORS = {"Head": "#f5b7b1", "Neuron": "#aed6f1", "MlpOut": "#a9dfbf", "AttnOut": "#f9e79f",
                "Resid": "#d7dbdd", "Direction": "#d2b4de"}
@@ -108,19 +111,12 @@ def _python_svg(g: nx.DiGraph) -> Markup:
     return Markup("").join(out)
 
 
-def _dot_quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+# the recorded DOT's writer, styled for the page: filled by kind, weights left to the tooltips
+REPORT_STYLE = {"name": "circuit", "weights": False, "fill": KIND_COLORS, "default_fill": DEFAULT_COLOR}
 
 
 def dot_source(g: nx.DiGraph) -> str:
-    lines = ["digraph circuit {", "rankdir=LR; node [shape=box, style=\"rounded,filled\", fontsize=10];"]
-    for node, data in g.nodes(data=True):
-        lines.append(f"{_dot_quote(node)} [label={_dot_quote(data['label'])}, "
-                     f"fillcolor={_dot_quote(KIND_COLORS.get(data.get('kind'), DEFAULT_COLOR))}];")
-    for s, t, d in g.edges(data=True):
-        lines.append(f"{_dot_quote(s)} -> {_dot_quote(t)} [penwidth={0.8 + 2.5 * min(abs(d['weight']), 1.0):.2f}];")
-    lines.append("}")
-    return "\n".join(lines)
+    return circuit_dot.dot(g, **REPORT_STYLE)
 
 
 def _graphviz_svg(g: nx.DiGraph, dot: str) -> Markup | None:

@@ -1,7 +1,8 @@
 """Each verdict line in words: its estimate against its bar and control, its n and power, its side effect.
 
 A line's ``numbers`` (reports/SCHEMA.md, ``verdicts/<claim>--<evidence>``) may lack any of
-these keys (older runs): a missing part is left out of the sentence, never guessed.
+these keys (a line decided without data records few): a missing part is left out of the
+sentence, never guessed.
 """
 
 from __future__ import annotations
@@ -48,12 +49,11 @@ def _control(numbers: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 def _on_difference(numbers: Mapping[str, Any]) -> bool:
-    """Whether the bar is held to the line minus its control (older runs: whenever a difference is recorded)."""
+    """Whether the bar is held to the line minus its control (its recorded rule says so)."""
     control = _control(numbers)
     if control is None or control.get("difference") is None:
         return False
-    rule = control.get("rule")
-    return rule is None or "held to the bar" in str(rule)
+    return "held to the bar" in str(control.get("rule") or "")
 
 
 def _own(numbers: Mapping[str, Any], control: Mapping[str, Any]) -> Any:
@@ -134,7 +134,7 @@ def brief(line: VerdictLine, ctx: RunContext, *, status: bool = True) -> str:
     on_diff = _on_difference(numbers)
     decided = numbers["control"].get("difference") if on_diff else numbers.get("estimate")
     name = f"{line.evidence} {line.status}" if status else line.evidence
-    if decided is None and numbers.get("n") is None:  # an older line: its own sentence is all there is
+    if decided is None and numbers.get("n") is None:  # decided without data: its own sentence is all there is
         return f"{name}: {strip_status(line.summary, line.claim)}"
     what = "difference from the control " if on_diff else ""
     parts = [f"{what}{_est(decided)}" if decided is not None else "", _bar(numbers) if "bar" in numbers else "",

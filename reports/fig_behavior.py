@@ -58,7 +58,7 @@ def refusal_rates(ctx: RunContext) -> list[Block]:
 
 
 def _degenerate(side: dict) -> str:
-    # a run recorded without the degenerate class reads "n/a (not recorded)"
+    # a record without the degenerate rate reads "n/a (not recorded)"
     return fmt.estimate(side.get("degenerate_rate"), pct=True)
 
 
@@ -199,10 +199,9 @@ def _at(profile: Profile | None, layer: int) -> str:
 
 def _keyword_sentence(nums: Mapping[str, Any], profiles: Mapping[str, Profile | None]) -> str:
     text = ("Attention from the last position to the harmful prompt's keywords (the tokens its harmless analogue "
-            f"lacks), over the keywords' share of the prompt, over {nums.get('n_pairs', nums.get('n', 'n/a'))} pairs")
+            f"lacks), over the keywords' share of the prompt, over {nums.get('n_pairs', 'n/a')} pairs")
     if nums.get("peak_layer_val") is None:
-        peak = int(profiles["harmful"][0].argmax())  # type: ignore[index]
-        return f"{text}: it peaks at layer {peak} with {_at(profiles['harmful'], peak)}; 1 (dashed) is no preference."
+        return f"{text}; the peak layer (chosen on val pairs) was not recorded; 1 (dashed) is no preference."
     peak = int(nums["peak_layer_val"])
     out = (f"{text}. The peak layer, chosen on {nums.get('n_val', 'n/a')} val pairs, is {peak}; there the harmful "
            f"prompts read {_at(profiles['harmful'], peak)}")

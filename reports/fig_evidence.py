@@ -17,6 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from hypotheses import claims as claim_table
+from hypotheses.records_study import positions_in_words
 from reports import fmt
 from reports.context import RunContext
 from reports.document import Block, Figure, missing, para, spans, table
@@ -106,8 +107,8 @@ def effect_share(ctx: RunContext) -> list[Block]:
            yaxis={"title": "share of the gap restored"})
     totals = _totals(nums)
     text = " ".join(_share_sentence(label, curve, totals.get(label), bar_fraction) for label, curve, _ in curves)
-    caption = (f"On {fmt.number(nums.get('n_pairs'))} test pairs at the {nums.get('positions') or 'recorded'} "
-               f"positions, the top components by the train ranking are patched together from the harmful prompt "
+    caption = (f"On {fmt.number(nums.get('n_pairs'))} test pairs at {positions_in_words(nums.get('positions'))}"
+               f", the top components by the train ranking are patched together from the harmful prompt "
                f"into its harmless analogue. Bands: 95% CI. Cross-hair: H1's bar, more than {fmt.share(bar_share)} "
                f"of the gap from at most {fmt.share(bar_fraction)} of the components.")
     return [para(f"At the bar's fraction of {fmt.share(bar_fraction)}: {text}"),

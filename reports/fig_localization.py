@@ -8,6 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from hypotheses.records_study import positions_in_words
 from reports import fmt
 from reports.attention_view import pattern_grid, pattern_svg
 from reports.context import RunContext
@@ -18,9 +19,8 @@ DIRECTIONS = ("denoising", "noising")
 
 
 def _row_est(row: dict[str, Any], value_key: str) -> dict[str, Any]:
-    """A ranking/catalogue row's estimate; the phases write ``ci_low``/``ci_high`` (SCHEMA: ``low``/``high``)."""
-    return {"value": row.get(value_key), "ci_low": row.get("ci_low", row.get("low")),
-            "ci_high": row.get("ci_high", row.get("high"))}
+    """A ranking or catalogue row's estimate: its ``value_key`` with the row's ``ci_low``/``ci_high``."""
+    return {"value": row.get(value_key), "ci_low": row.get("ci_low"), "ci_high": row.get("ci_high")}
 
 
 def _absent(ctx: RunContext, name: str) -> list[Block] | None:
@@ -67,7 +67,7 @@ def layer_patching(ctx: RunContext) -> list[Block]:
     blocks_at = nums.get("block_positions")
     text = (f"Patching over {nums.get('n_pairs', 'n/a')} train pairs, metric: {nums.get('metric', 'refusal score')}. "
             "0 is the unpatched base run, 1 the source run."
-            + (f" Attention and MLP outputs are patched at the {blocks_at} positions." if blocks_at else ""))
+            + (f" Attention and MLP outputs are patched at {positions_in_words(blocks_at)}." if blocks_at else ""))
     blocks: list[Block] = [para(text)]
     if lacking:
         blocks.append(missing(name, f"arrays {', '.join(lacking)} absent"))
@@ -130,9 +130,9 @@ def heads(ctx: RunContext) -> list[Block]:
         layout(fig, title="Heads: layers x heads", height=max(360, 14 * to_numpy(arrays[panels[0][0]]).shape[0] + 120))
         blocks.append(Figure(dom_id="fig-head-heatmap", title="Head heatmap", html=to_div(fig, "fig-head-heatmap"),
                              source=fig,
-                             caption=spans("Normalized effect of patching each head's output at the "
-                                           f"{ctx.numbers(name).get('positions') or 'all'} positions "
-                                           f"(n = {nums.get('n_pairs_sweep', nums.get('n_pairs', '?'))} train "
+                             caption=spans("Normalized effect of patching each head's output at "
+                                           f"{positions_in_words(ctx.numbers(name).get('positions'))} "
+                                           f"(n = {nums.get('n_pairs_sweep', 'n/a')} train "
                                            "pairs; descriptive: the verdicts rest on the verified candidates).")))
     else:
         blocks.append(missing(name, "head arrays absent"))

@@ -37,15 +37,12 @@ def circuit(ctx: RunContext) -> list[Block]:
 
 
 def _faithfulness(nums: Mapping[str, Any]) -> str:
-    if nums.get("intervention") is None:  # a record without the random-circuit baseline
-        outside = nums.get("ablated_outside") or "every component outside the circuit"
-        return (f"Faithfulness, the share of the refusal score kept when {outside} is mean-ablated: "
-                f"{fmt.estimate(nums.get('faithfulness'))}.")
+    intervention = nums.get("intervention") or "the intervention not recorded"
     return (f"Faithfulness (Wang et al. 2022; Hanna et al. 2024), the share of the harmful-harmless refusal-score "
-            f"gap that the circuit's {nums.get('n_heads', '?')} heads and {nums.get('n_neurons', '?')} neurons keep "
-            f"by themselves, with {nums['intervention']} (n = {nums.get('n_pairs', '?')} pairs): "
+            f"gap that the circuit's {nums.get('n_heads', 'n/a')} heads and {nums.get('n_neurons', 'n/a')} neurons "
+            f"keep by themselves, with {intervention} (n = {nums.get('n_pairs', 'n/a')} pairs): "
             f"{fmt.estimate(nums.get('faithfulness'))}; size-matched random circuits (same layers, "
-            f"{nums.get('n_random', '?')} draws): {fmt.estimate(nums.get('faithfulness_random'))}; the difference: "
+            f"{nums.get('n_random', 'n/a')} draws): {fmt.estimate(nums.get('faithfulness_random'))}; the difference: "
             f"{fmt.estimate(nums.get('faithfulness_vs_random'))}.")
 
 
@@ -55,7 +52,7 @@ def _steering_rows(steering: Mapping[str, Any]) -> list[tuple[str, ...]]:
                              ("bypass", "harmful prompts, direction ablated", "ablated")):
         s = steering.get(key) or {}
         if s:
-            degenerate = s.get("degenerate") or {}  # a run without it reads "n/a (not recorded)"
+            degenerate = s.get("degenerate") or {}  # a record without it reads "n/a (not recorded)"
             rows.append((what, fmt.estimate(s.get("baseline"), pct=True), fmt.estimate(s.get(after), pct=True),
                          fmt.estimate(degenerate.get("baseline"), pct=True),
                          fmt.estimate(degenerate.get(after), pct=True), fmt.p_value(s.get("mcnemar_p"))))

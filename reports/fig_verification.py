@@ -21,9 +21,18 @@ def _absent(ctx: RunContext, name: str) -> list[Block] | None:
     return [missing(name, ctx.unreadable.get(name))] if ctx.get(name) is None else None
 
 
+def _what_is_ablated(c: Mapping[str, Any]) -> str:
+    """``10 components, each replaced, position by position, by ...``: the condition's size and how it is ablated."""
+    n = c.get("n_components")
+    size = f"{n} component{'' if n == 1 else 's'}" if isinstance(n, int) else "components not counted"
+    if not c.get("method"):
+        return f"{size}; method not recorded"
+    return f"{size}, {'' if n == 1 else 'each '}{c['method']}"
+
+
 def _condition_sentence(c: Mapping[str, Any], controls: Mapping[str, Mapping[str, Any]]) -> str:
-    method = f", {c['method']} ablation" if c.get("method") else ""
-    text = (f"Ablating {c.get('label') or c.get('name')} ({c.get('n_components', 'n/a')} components{method}) moved the refusal rate on harmful test prompts from "
+    text = (f"Ablating {c.get('label') or c.get('name')} ({_what_is_ablated(c)}) moved the refusal rate on harmful "
+            "test prompts from "
             f"{fmt.estimate(c.get('refusal_rate_baseline'), pct=True)} to "
             f"{fmt.estimate(c.get('refusal_rate_ablated'), pct=True)}: a relative drop of "
             f"{fmt.estimate(c.get('relative_drop'), pct=True)} (McNemar {fmt.p_value(c.get('mcnemar_p'))}, "
@@ -90,7 +99,8 @@ _IG_BASELINES = {"paired": "of equal token length with the harmless prompt's emb
 
 
 def _ig_sentence(nums: Mapping[str, Any]) -> str:
-    """Which IG baseline was used and how complete the attributions are; older runs recorded the max error only."""
+    """Which IG baseline was used and how complete the attributions are (the max error alone when that is all the
+    record holds)."""
     ig = nums.get("ig")
     if not isinstance(ig, Mapping):
         return ("Integrated gradients completeness error (max relative): "
@@ -103,7 +113,7 @@ def _ig_sentence(nums: Mapping[str, Any]) -> str:
     else:
         against = f"against the {base.get('kind', 'unrecorded')} baseline"
     within = {True: "within", False: "outside"}.get(err.get("within_bar"), "against")
-    return (f"Integrated gradients ({fmt.number(err.get('steps', nums.get('ig_steps')))} steps, "
+    return (f"Integrated gradients ({fmt.number(nums.get('ig_steps'))} steps, "
             f"{fmt.number(ig.get('n_pairs'))} train pairs), {against}. Completeness error "
             "(|sum of attributions - (f(input) - f(baseline))| / |f(input) - f(baseline)|): "
             f"max {fmt.number(err.get('max'))}, median {fmt.number(err.get('median'))}, {within} the bar of "
@@ -111,10 +121,10 @@ def _ig_sentence(nums: Mapping[str, Any]) -> str:
 
 
 def _ig_header(e: Mapping[str, Any]) -> Markup:
-    if not e.get("harmless"):
-        return Markup("{p}").format(p=e.get("prompt", ""))
-    return Markup('{p}<br><small>baseline: {k}, against "{h}"; completeness error {c}</small>').format(
-        p=e.get("prompt", ""), k=e.get("baseline", "n/a"), h=e["harmless"], c=fmt.number(e.get("completeness_error")))
+    against = Markup(', against "{h}"').format(h=e["harmless"]) if e.get("harmless") else ""
+    return Markup('{p}<br><small>baseline: {k}{a}; completeness error {c}</small>').format(
+        p=e.get("prompt", ""), k=e.get("baseline", "not recorded"), a=against,
+        c=fmt.number(e.get("completeness_error")))
 
 
 def gradients(ctx: RunContext) -> list[Block]:
@@ -131,11 +141,9 @@ def gradients(ctx: RunContext) -> list[Block]:
         + f" The criterion asks for r above {fmt.number(bar)}: {'met' if nums.get('met') else 'not met'}.")]
     keys = {c.get("name"): c.get("key") for c in corr if c.get("key")}
 
-    def key(name: Any) -> str | None:  # arrays are "scatter.<key>.x"; older runs used the name, spaces as "_"
-        for k in ([keys[name]] if name in keys else []) + [str(name), str(name).replace(" ", "_")]:
-            if f"scatter.{k}.x" in rec.arrays and f"scatter.{k}.y" in rec.arrays:
-                return k
-        return None
+    def key(name: Any) -> str | None:  # a correlation's points are the arrays "scatter.<its key>.x" and ".y"
+        k = keys.get(name)
+        return k if f"scatter.{k}.x" in rec.arrays and f"scatter.{k}.y" in rec.arrays else None
 
     names = [c.get("name") for c in corr if key(c.get("name")) is not None]
     if names:

@@ -43,12 +43,10 @@ def number(value: Any, *, digits: int = 3, pct: bool = False) -> str:
 
 
 def bounds(est: Mapping[str, Any] | None) -> tuple[float | None, float | None, float | None]:
-    """(value, low, high) of an estimate; accepts ``ci_low``/``ci_high`` and ``low``/``high``."""
+    """(value, ci_low, ci_high) of an estimate (``instruments.stats.Estimate.to_dict()``)."""
     if not isinstance(est, Mapping):
         return _num(est), None, None
-    low = est.get("ci_low", est.get("low"))
-    high = est.get("ci_high", est.get("high"))
-    return _num(est.get("value")), _num(low), _num(high)
+    return _num(est.get("value")), _num(est.get("ci_low")), _num(est.get("ci_high"))
 
 
 def estimate(est: Mapping[str, Any] | None, *, digits: int = 3, pct: bool = False, with_n: bool = True) -> str:

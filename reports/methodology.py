@@ -1,8 +1,8 @@
 """The methodology section: the method this run ran, read from what it recorded.
 
 Every sentence is generated from the run's manifest, config, results and verdict lines; a
-step the run did not record (an older run, a skipped stage) is described as recorded or left
-out, never claimed.
+step the run did not record (a skipped or failed stage) is left out or its numbers read n/a,
+never claimed.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from hypotheses import claims as claim_table
+from hypotheses.records_study import positions_in_words
 from reports import fmt, preregistration, validation_card
 from reports.context import RunContext, VerdictLine
 from reports.document import Block, Paragraph, Section, Span, para
@@ -28,11 +29,10 @@ def _positions_sentence(ctx: RunContext) -> str:
     heads = ctx.numbers("phase3/heads")
     where = heads.get("positions") or ctx.config.get("patch_positions")
     n = heads.get("n_pairs", ctx.config.get("patch_pairs", "n/a"))
-    if where is None:  # a run from before the positions were recorded
-        return (f"Exact patching uses {n} train pairs at every position, aligned from the end of the prompt "
-                "(pairs of unequal token length then splice into positions that do not correspond).")
+    if where is None:
+        return f"Where the patches go was not recorded; the head ranking uses {n} train pairs."
     if str(where).startswith("post-instruction"):
-        return (f"Patches go only where the two prompts' positions correspond: the {where} positions, the chat "
+        return (f"Patches go only where the two prompts' positions correspond: {positions_in_words(where)}, the chat "
                 "template's tokens after the user's message, which are the same tokens in every prompt (the "
                 f"positions Arditi et al. 2024 search). The head ranking uses {n} train pairs.")
     return (f"Patches cover every position, on pairs of equal token length under the subject's tokenizer only "
@@ -42,7 +42,7 @@ def _positions_sentence(ctx: RunContext) -> str:
 def _ablation_sentence(ctx: RunContext) -> str:
     where = ctx.numbers("phase3/heads").get("positions") or ctx.config.get("patch_positions")
     if where is not None and str(where).startswith("post-instruction"):
-        return (f"Heads and neurons are mean-ablated where they were found: at the {where} prompt positions, each "
+        return (f"Heads and neurons are mean-ablated where they were found: at {positions_in_words(where)}, each "
                 "from the mean of harmless train prompts at that same position (the template's tokens are the same "
                 "there), leaving system prompt, instruction and generated tokens as the model computes them. The "
                 "refusal direction is removed at every position, generated ones included (Arditi et al. 2024).")
@@ -76,18 +76,12 @@ def _direction_sentence(ctx: RunContext) -> str:
 
 def _ranking(ctx: RunContext) -> Paragraph:
     heads = ctx.numbers("phase3/heads")
-    if heads.get("n_candidates") is None:  # a run from before AtP* ranking: the agreement check only
-        return para(Span(text="Attribution patching (AtP).", strong=True), " A first-order estimate of every patch "
-                    "at once: (source activation - base activation) times the gradient of the metric at the base "
-                    "run, summed over the same positions as exact patching. One backward pass replaces thousands of "
-                    "forward passes; the top AtP heads are re-checked exactly and the agreement reported as a rank "
-                    "correlation.")
     return para(Span(text="Ranking (AtP*, Kramar et al. 2024).", strong=True), " Attribution patching, (source "
                 "activation - base activation) times the gradient of the metric at the base run, scores every head "
                 f"and MLP neuron at once on {heads.get('n_pairs_atp', 'n/a')} train pairs. The top "
-                f"{heads['n_candidates']} heads by AtP are verified by exact patching on the same train pairs and "
-                "ranked by their exact effect. The full exact sweep over "
-                f"{heads.get('n_heads', 'n/a')} heads on {heads.get('n_pairs_sweep', heads.get('n_pairs', 'n/a'))} "
+                f"{heads.get('n_candidates', 'n/a')} heads by AtP are verified by exact patching on the same train "
+                "pairs and ranked by their exact effect. The full exact sweep over "
+                f"{heads.get('n_heads', 'n/a')} heads on {heads.get('n_pairs_sweep', 'n/a')} "
                 "train pairs is descriptive only (the heat map): no verdict rests on it.")
 
 

@@ -19,11 +19,12 @@ import torch
 from fixtures.config import RefusalConfig
 from fixtures.recording import Recorder
 from fixtures.storage import stable_hash
+from hypotheses import circuit_dot, records
 from hypotheses import claims as claim_table
-from hypotheses import records
 from hypotheses.verdicts import Verdict
 from instruments.components import Head, Neuron, label, to_json
 from instruments.stats import Estimate
+from reports.circuit_svg import build_graph
 
 DEFAULT_VERDICTS: dict[str, str] = {"H1": "supported", "H2": "refuted", "H3": "inconclusive",
                                     "C1": "supported", "C2": "supported", "C3": "inconclusive"}
@@ -157,7 +158,8 @@ def build_run(root: Path, *, model: str = "tiny", verdicts: Mapping[str, str] | 
     save(records.NeuronCatalogue(catalogue=catalogue, n_pairs=64, ranking_n_pairs=64,
                                  positions="post-instruction (last 6)", corpus_prompts=320))
     save(records.Ablation(conditions=[_condition(name, kind, drop, tag) for name, kind, drop in
-                                      (("circuit", "circuit", 0.55), ("random heads", "control", 0.03))],
+                                      (("heads + neurons", "circuit", 0.55),
+                                       ("random heads + neurons", "control", 0.03))],
                           n_prompts=40, split="test", judge="generate",
                           direction={"kind": "Direction", "layer": n_layers // 2, "vector": "omitted"},
                           prompts=[f"harmful test prompt {i}{tag}" for i in range(40)]))
@@ -193,10 +195,10 @@ def build_run(root: Path, *, model: str = "tiny", verdicts: Mapping[str, str] | 
         nodes=nodes, edges=edges, faithfulness=_est(0.71, 0.09, 40), faithfulness_random=_est(0.05, 0.04, 40),
         faithfulness_vs_random=_est(0.66, 0.1, 40), n_random=20, n_pairs=40, n_heads=10, n_neurons=10,
         refusal_score={"harmful": 2.1, "circuit_only": 1.5, "harmless": -1.2},
-        positions="post-instruction (last 6)", dot="digraph { a -> b }",
+        positions="post-instruction (last 6)", dot=circuit_dot.dot(build_graph(nodes, edges)),
         node_link={"directed": True, "multigraph": False, "graph": {}, "nodes": nodes, "edges": edges},
-        intervention="every head and MLP neuron outside the circuit patched from the harmless analogue "
-                     "(post-instruction (last 6) positions), on the harmful test prompts",
+        intervention="every head and MLP neuron outside the circuit patched from the harmless analogue at the "
+                     "last 6 post-instruction positions, on the harmful test prompts",
         prompts=[f"harmful test prompt {i}{tag}" for i in range(40)]))
     scores = rng.uniform(-1, 2, (3, n_layers))
     scores[:, -1] = np.nan
@@ -313,11 +315,12 @@ def _claim_lines(claim_id: str, config: Mapping[str, object], prereg: str | None
 
 
 def _condition(name: str, kind: str, drop: float, tag: str) -> dict:
-    """A row of phase4/ablation: a circuit, or the matched random control of "circuit"."""
+    """A row of phase4/ablation: the circuit (C2's heads + neurons), or its matched random control."""
     circuit = kind == "circuit"
-    row = {"name": name, "label": f"{name}{tag}", "kind": kind, "control_of": None if circuit else "circuit",
+    row = {"name": name, "label": f"{name}{tag}", "kind": kind, "control_of": None if circuit else "heads + neurons",
            "n_components": 10, "components": [f"L{i % 6}H{i % 4}" for i in range(10)],
-           "method": "mean of harmless train prompts, per position (post-instruction (last 6) positions)",
+           "method": "replaced, position by position, by its mean over harmless train prompts at the last 6 "
+                     "post-instruction positions",
            "positions": "post-instruction (last 6)", "n_pairs": 40, "refusal_rate_baseline": _rate(33, 40),
            "refusal_rate_ablated": _rate(int(33 * (1 - drop)), 40), "relative_drop": _est(drop, 0.1, 40),
            "degenerate_rate_baseline": _rate(2, 40), "degenerate_rate_ablated": _rate(3, 40),

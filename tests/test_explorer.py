@@ -1,13 +1,14 @@
 """The refusal explorer (reports/app) on ``tiny``: its logic, and the page driven by Streamlit's AppTest.
 
-A small synthetic run directory written with the Recorder, following reports/SCHEMA.md,
-stands in for a real run: a few ranked heads, a neuron catalogue, a random unit direction
-and first-token strings. The page's numbers are checked against the instruments called
+A small synthetic run directory, its results built through the record classes
+(hypotheses/records.py) and written with the Recorder, stands in for a real run: a few
+ranked heads, a neuron catalogue, a random unit direction and first-token strings. The page's numbers are checked against the instruments called
 directly on the same prompt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from fixtures.data import load_prompts
 from fixtures.recording import Recorder
+from hypotheses import records
 from instruments import behavior, metrics
 from instruments.ablation import AblationSpec, ablated, ablation_hooks
 from instruments.components import Head, Neuron, Pattern, hook_name, label, to_json
@@ -54,22 +56,31 @@ def write_run(path: Path, handle, *, model: str = "tiny") -> tuple[list[str], li
     order = sorted(usable, key=lambda i: -float(logits[i]))
     decode = handle.tokenizer.decode
     refusal, compliance = [decode([i]) for i in order[:3]], [decode([i]) for i in order[3:6]]
-    rec.save("phase2/first_token", numbers={"refusal_tokens": refusal, "compliance_tokens": compliance,
-                                            "token_source": "discovered"})
-    rec.save("phase3/heads", numbers={"ranking": [
-        {"component": to_json(h), "label": label(h), "effect": 0.4 - 0.1 * i, "low": 0.0, "high": 0.5, "atp": 0.1}
-        for i, h in enumerate(HEADS)], "n_heads": 16, "n_pairs": 4})
-    rec.save("phase3/neurons", numbers={"catalogue": [
-        {"component": to_json(n), "label": label(n), "rank": i, "atp": 0.2, "exact": 0.1, "low": 0.0, "high": 0.2,
-         "activation_diff": 0.3, "top_examples": [{"token": "a", "context": "a b", "prompt": "p", "activation": 0.5,
-                                                   "side": "harmful"}]} for i, n in enumerate(NEURONS)]})
+    save_partial(rec, records.FirstToken, refusal_tokens=refusal, compliance_tokens=compliance,
+                 token_source="discovered")
+    save_partial(rec, records.HeadRanking, n_heads=16, n_pairs=4, ranking=[
+        {"component": to_json(h), "label": label(h), "effect": 0.4 - 0.1 * i, "ci_low": 0.0, "ci_high": 0.5,
+         "atp": 0.1} for i, h in enumerate(HEADS)])
+    save_partial(rec, records.NeuronCatalogue, catalogue=[
+        {"component": to_json(n), "label": label(n), "rank": i, "atp": 0.2, "exact": 0.1, "ci_low": 0.0,
+         "ci_high": 0.2, "activation_diff": 0.3, "top_examples": [{"token": "a", "context": "a b", "prompt": "p",
+                                                                   "activation": 0.5, "side": "harmful"}]}
+        for i, n in enumerate(NEURONS)])
     gen = torch.Generator().manual_seed(0)
     vector = torch.randn(handle.d_model, generator=gen)
-    rec.save("phase5/direction", numbers={"layer": DIRECTION_LAYER, "pos": -1, "meets_thresholds": True},
-             arrays={"direction": vector / vector.norm(),
-                     "projection.harmful": torch.randn(handle.n_layers, 5, generator=gen) + 1.0,
-                     "projection.harmless": torch.randn(handle.n_layers, 5, generator=gen) - 1.0})
+    save_partial(rec, records.RefusalDirection, layer=DIRECTION_LAYER, pos=-1, meets_thresholds=True,
+                 direction=vector / vector.norm(),
+                 projection_harmful=torch.randn(handle.n_layers, 5, generator=gen) + 1.0,
+                 projection_harmless=torch.randn(handle.n_layers, 5, generator=gen) - 1.0)
     return refusal, compliance
+
+
+def save_partial(rec: Recorder, cls: type[records.Result], **given) -> None:
+    """Save a ``cls`` result with only the ``given`` fields (a reader tolerates the others' absence)."""
+    result = cls(**{f.name: None for f in dataclasses.fields(cls)} | given)
+    parts = {part: value for part, value in result.to_record().items() if value}
+    cls.from_record(result.as_record())  # what the explorer reads back
+    rec.save(cls.NAME, **parts)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +149,8 @@ def test_load_run_rejects_another_model_and_a_missing_manifest(tiny, other_model
 def test_load_run_rejects_components_the_model_lacks(tiny, tmp_path):
     rec = Recorder(run_dir=tmp_path)
     rec.note(model=tiny.describe())
-    rec.save("phase3/heads", numbers={"ranking": [{"component": to_json(Head(layer=9, head=0)), "effect": 1.0}]})
+    save_partial(rec, records.HeadRanking, ranking=[{"component": to_json(Head(layer=9, head=0)), "label": "L9H0",
+                                                     "effect": 1.0, "ci_low": 0.5, "ci_high": 1.5, "atp": 1.0}])
     with pytest.raises(RunError, match="does not exist in this model"):
         load_run(tmp_path, model="tiny", describe=tiny.describe())
 

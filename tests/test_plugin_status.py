@@ -1,8 +1,9 @@
-"""A run's status in its manifest, and a run directory that cannot be written.
+"""A run's status in its manifest, a run directory that cannot be written, and a model that cannot
+be loaded.
 
 Only a failure or an error fails a run: skips (in a test, in a fixture's setup, from
 ``pytest.importorskip`` or a marker) and xfails leave it ``finished``. Each session runs in
-a pytest subprocess on ``--model tiny`` with the suite's plugins; no model is loaded.
+a pytest subprocess with the suite's plugins; no model is loaded.
 """
 
 from __future__ import annotations
@@ -129,3 +130,19 @@ def test_an_unwritable_run_dir_is_a_usage_error_before_any_test_runs(pytester, m
     assert f"--run-dir {blocked / 'run'} cannot be written: {blocked} is a file, not a folder" in err
     assert "Fix: pick a writable --run-dir" in err and "Traceback" not in err + result.stdout.str()
     assert not (pytester.path / "ran").exists()
+
+
+# ----------------------------------------------------------------------------- a model that cannot be loaded
+
+def test_a_model_that_cannot_be_loaded_ends_the_session_once_without_a_traceback(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pytester.makepyfile(test_needs_the_model="\n".join(f"def test_{i}(subject):\n    pass\n" for i in range(3)))
+    run_dir, missing = pytester.path / "run", pytester.path / "nonexistent" / "folder"
+    result = pytester.runpytest_subprocess(*PLUGINS, "-p", "no:cacheprovider", "--model", str(missing),
+                                           "--run-dir", str(run_dir), "--no-refusal-report", timeout=300)
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert out.count(f"--model {missing} cannot be loaded: unknown model") == 1, out
+    assert "Traceback" not in out and "ModelLoadError" not in out and " error" not in out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "unknown model" in manifest["model_load"]["error"]

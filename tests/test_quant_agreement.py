@@ -2,11 +2,14 @@
 
 Quantization is how the flagship Llama-3-8B is studied on a laptop, so conclusions must
 survive it: the head ranking by attribution patching is computed at both precisions on
-the same train pairs, and their overlap and rank correlation are recorded.
+the same train pairs, and their overlap and rank correlation are compared. A check of the
+instruments under quantization, not a result of the study: its numbers go to the test's own
+report (``record_property``, e.g. ``--junitxml``) and its failure message, not to the run directory.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from functools import partial
 
@@ -16,6 +19,7 @@ import torch
 from fixtures.models import load_model
 from instruments import behavior
 from instruments import patching as P
+from instruments.components import label
 from instruments.metrics import refusal_score, tokens_from_generations
 from instruments.positions import post_instruction_length
 from instruments.stats import spearman_ci
@@ -25,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 N_PAIRS, TOP_K = 8, 10
 
 
-def test_nf4_and_full_precision_agree_on_top_heads(refusal_config, dataset, recorder):
+def test_nf4_and_full_precision_agree_on_top_heads(refusal_config, dataset, record_property):
     pairs = dataset.split("train")[:N_PAIRS]
     clean, corrupted = [p.harmful for p in pairs], [p.harmless for p in pairs]
     scores, tops, tokens = {}, {}, None
@@ -48,13 +52,12 @@ def test_nf4_and_full_precision_agree_on_top_heads(refusal_config, dataset, reco
     overlap = len(tops["none"] & tops["nf4"])
     rho = spearman_ci(scores["none"].numpy(), scores["nf4"].numpy(), n_boot=refusal_config.n_bootstrap,
                       seed=refusal_config.seed)
-    recorder.save("quantization/top_head_agreement", numbers={
-        "top_k": TOP_K, "overlap": overlap, "token_source": tokens.source,
-        "refusal_token_ids": list(tokens.refusal_ids), "spearman_all_heads": rho.to_dict(),
-        "top_full_precision": sorted(f"L{h.layer}H{h.head}" for h in tops["none"]),
-        "top_nf4": sorted(f"L{h.layer}H{h.head}" for h in tops["nf4"])},
-        arrays={"atp_full": scores["none"], "atp_nf4": scores["nf4"]})
+    top = {quant: sorted(label(h) for h in heads) for quant, heads in tops.items()}
+    record_property("top_head_agreement", json.dumps({
+        "top_k": TOP_K, "overlap": overlap, "token_source": tokens.source, "spearman_all_heads": rho.to_dict(),
+        "top_full_precision": top["none"], "top_nf4": top["nf4"]}))
     assert torch.isfinite(scores["nf4"]).all()
     # NF4 keeps ~3 significant bits per weight; the ranking of causal heads must still agree.
-    assert overlap >= TOP_K // 2, f"only {overlap}/{TOP_K} top heads shared between NF4 and full precision"
+    assert overlap >= TOP_K // 2, (f"only {overlap}/{TOP_K} top heads shared between NF4 and full precision "
+                                   f"(full: {top['none']}; NF4: {top['nf4']})")
     assert rho.value > 0.5, f"head ranking correlation NF4 vs full precision is only {rho}"

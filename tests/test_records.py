@@ -96,7 +96,7 @@ def test_a_missing_field_fails_a_strict_read_and_passes_a_lenient_one(run):
     with pytest.raises(RecordError, match=r"phase3/heads: numbers\['atp_vs_exact_spearman'\] should be estimate "
                                           r".*found nothing"):
         records.HeadRanking.from_record(partial, strict=True)
-    typed = records.HeadRanking.from_record(partial)  # an older run: the report shows n/a
+    typed = records.HeadRanking.from_record(partial)  # a lenient read: the report shows n/a
     assert typed.atp_vs_exact_spearman is None and typed.ranking == rec.numbers["ranking"]
 
 

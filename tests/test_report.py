@@ -186,7 +186,7 @@ def test_methodology_states_the_positions_ablation_and_faithfulness_actually_run
     ablation there, and faithfulness by the discovery's own intervention beside random circuits."""
     _, page, md = complete
     for text in (page, md):
-        assert "post-instruction (last 6) positions" in text
+        assert "correspond: the last 6 post-instruction positions, the chat template" in text
         assert "each from the mean of harmless train prompts at that same position" in text
         assert "random circuits of the same size and layers" in text
         assert "at every position including generated ones" not in text

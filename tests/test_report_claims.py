@@ -317,15 +317,16 @@ def test_methodology_describes_the_method_recorded(rendered):
     assert "by count (the patching line" in method and "by parameter count (the parameters line" in method
 
 
-def test_methodology_of_an_older_run_keeps_the_older_ranking(tmp_path):
+def test_methodology_says_n_a_for_what_the_ranking_did_not_record(tmp_path):
     run = build_run(tmp_path, verdicts={"H1": "supported"})
     path = run / "results" / "phase3_heads.json"
     data = json.loads(path.read_text())
     for key in ("n_candidates", "n_pairs_atp", "n_pairs_sweep"):
         data["numbers"].pop(key)
     path.write_text(json.dumps(data))
-    _, md = render(run)
-    assert "the top AtP heads are re-checked exactly" in md and "AtP*" not in md
+    method = section(render(run)[1], "## Methodology")
+    assert "scores every head and MLP neuron at once on n/a train pairs. The top n/a heads by AtP" in method
+    assert "over 24 heads on n/a train pairs is descriptive only" in method
 
 
 def test_a_line_whose_estimate_is_its_difference_shows_its_own_drop():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,7 +27,7 @@ def test_estimates_always_carry_their_interval():
     est = {"value": 0.825, "ci_low": 0.68, "ci_high": 0.913, "alpha": 0.05, "n": 40}
     assert fmt.estimate(est) == "0.825 [95% CI 0.68, 0.913, n=40]"
     assert fmt.estimate(est, pct=True) == "82.5% [95% CI 68.0%, 91.3%, n=40]"
-    assert fmt.estimate({"value": 0.5, "low": 0.4, "high": 0.6, "alpha": 0.1}) == "0.5 [90% CI 0.4, 0.6]"
+    assert fmt.estimate({"value": 0.5, "ci_low": 0.4, "ci_high": 0.6, "alpha": 0.1}) == "0.5 [90% CI 0.4, 0.6]"
     assert fmt.estimate({"value": 0.5}) == "0.5 (no CI recorded)"
     assert fmt.estimate(None) == "n/a (not recorded)" and fmt.estimate({"value": None}) == "n/a"
 
@@ -92,6 +93,27 @@ def test_python_layout_orders_columns_by_layer():
 def test_dot_source_quotes_labels():
     src = dot_source(build_graph(NODES, EDGES))
     assert 'label="L3N7 \\"<b>\\""' in src and src.startswith("digraph")
+
+
+def test_the_recorded_dot_and_the_report_dot_come_from_one_writer(monkeypatch):
+    """Phase 5.1 records its graph as DOT and the report lays its diagram out from DOT: both are
+    hypotheses.circuit_dot.dot, the report's with its style arguments only."""
+    from hypotheses import circuit_dot
+    from hypotheses.circuit import CircuitGraph
+    from reports.circuit_svg import REPORT_STYLE
+
+    g = build_graph(NODES, EDGES)
+    calls = []
+    monkeypatch.setattr(circuit_dot, "dot", lambda graph, **style: calls.append((graph, style)) or "DOT")
+    estimate = SimpleNamespace(to_dict=dict)
+    faith = SimpleNamespace(positions=6, value=estimate, random=estimate, difference=estimate, n_random=2,
+                            score_harmful=1.0, score_circuit=0.5, score_harmless=0.0, n_pairs=4, circuit=())
+    recorded = CircuitGraph(graph=g, nodes=(), pinned={}, faithfulness=faith, prompts=("p",)).record()
+    assert recorded.dot == "DOT" and dot_source(g) == "DOT"
+    assert calls == [(g, {}), (g, REPORT_STYLE)]
+    sources = [path for folder in ("instruments", "fixtures", "hypotheses", "reports")
+               for path in sorted((REPO_ROOT / folder).rglob("*.py")) if "digraph" in path.read_text()]
+    assert sources == [REPO_ROOT / "hypotheses" / "circuit_dot.py"], "a second DOT writer"
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz dot is not installed (the Python layout is used)")

@@ -1,4 +1,4 @@
-"""The suite validates itself (issue 5): a known answer, and determinism.
+"""The suite validates itself: a known answer, and determinism.
 
 Known answer. ``fixtures.planted`` hand-sets a small Llama so that three attention heads
 and two MLP neurons, and nothing else, carry "harmful prompt -> refusal token". First the

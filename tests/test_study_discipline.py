@@ -1,5 +1,5 @@
 """Choose on train, score on test: no stage that selects components ever reads a test pair,
-and the pre-registration is made before any stage scores one (issue 18).
+and the pre-registration is made before any stage scores one.
 
 A spy around the planted model's handle records every prompt the study encodes, with the
 study stage that asked for it (the innermost running stage). Every stage and every verdict
