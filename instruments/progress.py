@@ -70,10 +70,15 @@ def open_tasks() -> list["Task"]:
     return _threads.open
 
 
-def set_sink(sink: Sink | None, *, tty: bool | None = None) -> None:
-    """Route progress lines to ``sink`` (None: back to stderr); ``tty`` says whether it rewrites lines."""
+def set_sink(sink: Sink | None, *, tty: bool | None = None) -> tuple[Sink, bool | None]:
+    """Route progress lines to ``sink`` (None: back to stderr); ``tty`` says whether it rewrites lines.
+
+    Returns the sink and tty it replaces, so a caller (a nested pytest session) can put them back.
+    """
+    previous = (_state["sink"], _state["tty"])
     _state["sink"] = sink or _stderr_sink
     _state["tty"] = tty
+    return previous  # type: ignore[return-value]
 
 
 def _is_tty() -> bool:
@@ -82,7 +87,10 @@ def _is_tty() -> bool:
 
 
 def _emit(line: str, final: bool) -> None:
-    _state["sink"](line, final)  # type: ignore[operator]
+    try:
+        _state["sink"](line, final)  # type: ignore[operator]
+    except (OSError, ValueError):  # a closed terminal (a finished pytest session) must never stop a measurement
+        _state["sink"], _state["tty"] = _stderr_sink, None
 
 
 def duration(seconds: float) -> str:

@@ -231,3 +231,27 @@ def test_each_thread_has_its_own_tasks(lines, clock):
 def test_a_note_is_a_line_of_its_own(lines):
     progress.note("validate: planted step seed 0: WRONG: H1")
     assert lines == [("[refusal-circuits] validate: planted step seed 0: WRONG: H1", True)]
+
+
+def test_a_finished_inner_session_gives_the_sink_back(pytester, tmp_path):
+    """A pytester session with the suite's plugin closes its terminal; the outer session's later
+    measurements must neither write to it nor fail (every planted study did, once)."""
+    before = (progress._state["sink"], progress._state["tty"])
+    pytester.makepyfile(test_inner=INNER_TEST)
+    result = pytester.runpytest_inprocess("-p", "fixtures.plugin", "-p", "no:cacheprovider",
+                                          "--run-dir", str(tmp_path / "run"))
+    result.assert_outcomes(passed=1)
+    assert (progress._state["sink"], progress._state["tty"]) == before
+    with progress.task("after the inner session", 2) as t:
+        t.advance(2)
+
+
+def test_a_sink_that_fails_never_stops_the_measurement(monkeypatch):
+    def closed(line, final):
+        raise ValueError("I/O operation on closed file.")
+
+    monkeypatch.setitem(progress._state, "sink", closed)
+    monkeypatch.setitem(progress._state, "tty", False)
+    with progress.task("work on a closed terminal", 3) as t:
+        t.advance(3)
+    assert progress._state["sink"] is not closed
