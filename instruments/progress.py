@@ -20,7 +20,8 @@ pairs: 1/2 batches (50%), 3 s elapsed, ETA 3 s``. Which lines appear:
 - A task *announces* itself (a line when it opens, one when it closes) unless it is
   ``quiet`` or runs inside a task with a total, whose loop it is one step of (so a study of
   the validation card, or an instrument call per layer, never floods the log). A nested
-  announced task that took under ``SHORT_S`` leaves no closing line.
+  announced task that took under ``SHORT_S`` leaves no closing line, and on a log its opening
+  line waits for the root's interval like a status line.
 - Status lines come at most every ``TTY_EVERY_S`` on a terminal (rewritten in place) and
   every ``LOG_EVERY_S`` on a log; a quiet task is first seen one interval after it opens, so
   a quick instrument call prints nothing at all, and a slow one closes with a line.
@@ -215,7 +216,8 @@ def task(name: str, total: int | None, *, unit: str = "step", quiet: bool = Fals
     stack.append(t)
     is_root = stack[0] is t
     try:
-        if t.announced:
+        # on a log a nested opening waits for the root's interval: its chain shows in the next status line
+        if t.announced and (is_root or _is_tty() or _now() - stack[0]._last_line >= LOG_EVERY_S):
             stack[0]._last_line = _now()
             for named in stack:
                 named.shown = True

@@ -135,11 +135,15 @@ def test_a_stage_announces_itself_and_its_time(lines, clock):
         return stages.run("train_pairs", inner) + 1
 
     assert stages.run("exact_heads", outer) == 2
+    # on a log a nested stage's opening waits for the interval (a study opens dozens at once)
     assert texts(lines) == [
         "[refusal-circuits] study: exact heads",
-        "[refusal-circuits] study: exact heads › train pairs",
         "[refusal-circuits] study: train pairs: done in 3 s",
         "[refusal-circuits] study: exact heads: done in 5 s, 2 s without the stages it pulled in"]
+    lines.clear()
+    progress._state["tty"] = True  # on a terminal it shows at once, rewritten in place
+    stages.run("direction", outer)
+    assert "[refusal-circuits] study: direction › train pairs" in texts(lines)
 
 
 def test_a_terminal_line_is_cut_to_the_width(lines, clock, monkeypatch):
