@@ -11,7 +11,7 @@ import pytest
 from fixtures.storage import CODE_VERSION, stable_hash
 from fixtures.sweeps import cached_generations
 from hypotheses.baseline import OPENING_TOKENS, SplitGenerations
-from instruments import behavior, metrics
+from instruments import behavior, metrics, progress
 
 
 def _generations(subject, recorder, dataset, split: str, max_new_tokens: int, batch_size: int) -> SplitGenerations:
@@ -25,7 +25,9 @@ def _generations(subject, recorder, dataset, split: str, max_new_tokens: int, ba
         def compute(prompts=prompts):
             # through the user-cache generation store: the organism's build already made the train
             # split's (fixtures/organism/evaluate.py uses the same settings)
-            gen = cached_generations(subject, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            # the instrument's line cannot know the split and side; a quiet task names them only when it runs long
+            with progress.task(f"generations: {split} split, {side}", None, quiet=True):
+                gen = cached_generations(subject, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
             return {"numbers": {"texts": list(gen.texts), "first_tokens": list(gen.first_tokens),
                                 "refused": list(gen.refused)}, "prompts": prompts}
 
