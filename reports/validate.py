@@ -20,10 +20,10 @@ from instruments import progress
 from reports import validation_card
 
 
-def write_page(js: Path) -> Path:
+def write_page(js: Path, read: validation_card.CardRead | None = None) -> Path:
     """The card's page beside its JSON, atomically: the report's blocks for it, then its designs."""
     md = js.with_suffix(".md")
-    atomic_write_bytes(md, validation_card.markdown(validation_card.read_card(js)).encode())
+    atomic_write_bytes(md, validation_card.markdown(read or validation_card.read_card(js)).encode())
     return md
 
 
@@ -52,10 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = val.run_all(mode, cfg, on_run=report_wrong)
     card = val.summarize(runs, mode=mode, seconds=time.time() - start, cfg=cfg)
     js = val.write_card(card, args.out)
-    md = write_page(js)
+    read = validation_card.read_card(js)  # read once: the page and the summary line show the same card
+    md = write_page(js, read)
     nf = card["null_fpr"]
     n_wrong = sum(len(r.wrong) for r in runs)
-    rate = validation_card.rate_text(validation_card.read_card(js).card.null_fpr.rate)
+    rate = validation_card.rate_text(read.card.null_fpr.rate)
     print(f"validation card ({mode}): {n_wrong} wrong verdicts; null false-positive rate {rate}; "
           f"written to {js} and {md}", file=sys.stderr)
     return 0 if n_wrong == 0 and (nf["rate"] or 0) <= val.MAX_NULL_FPR else 1
