@@ -21,6 +21,7 @@ from hypotheses import records
 from hypotheses.evidence import Ranking, harmful, harmless, positions_label
 from instruments import behavior
 from instruments.components import Neuron, hook_name, label, to_json
+from instruments.patching import LAST_ONLY
 
 TOP_EXAMPLES = 5  # strongest activations kept per neuron
 CONTEXT = (6, 2)  # tokens of context shown before and after (the token itself included) each example
@@ -50,7 +51,8 @@ def last_position_acts(handle, prompts: Sequence[str], neurons: Sequence[Neuron]
     out = []
     for chunk in behavior.batches(prompts, batch_size):
         ids, mask = handle.encode(chunk)
-        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
+        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names,
+                                                **LAST_ONLY)  # the logits are not read
         out.append(torch.stack([cache[hook_name(n)][:, -1, n.index].float().cpu() for n in neurons], 1))
     return torch.cat(out).numpy()
 
@@ -65,7 +67,8 @@ def top_examples(handle, prompts: Sequence[str], neurons: Sequence[Neuron],
     start = 0
     for chunk in behavior.batches(prompts, batch_size):
         ids, mask = handle.encode(chunk)
-        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
+        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names,
+                                                **LAST_ONLY)  # the logits are not read
         for n in neurons:
             act = cache[hook_name(n)][..., n.index].float().cpu()
             act = act.masked_fill(~mask.bool().cpu(), -torch.inf)

@@ -24,6 +24,7 @@ from hypotheses.records_study import positions_in_words
 from instruments import behavior
 from instruments.ablation import ReferenceActivations, ablation_hooks
 from instruments.components import Component, Head, Neuron, hook_name, label
+from instruments.patching import LAST_ONLY
 
 N_NEURONS = 10  # the catalogue's top neurons in the graph
 N_PROMPTS = 12  # harmful test prompts the edges are measured on
@@ -41,13 +42,15 @@ def activations(handle, prompts: Sequence[str], nodes: Sequence[Component], hook
     for chunk in behavior.batches(prompts, batch_size):
         ids, mask = handle.encode(chunk)
         with handle.bridge.hooks(fwd_hooks=list(hooks)):
-            _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
+            _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names,
+                                                    **LAST_ONLY)  # the logits are not read
         cols = []
         for n in nodes:
             name, i = _site(n)
             act = cache[name][:, -1, i]
-            cols.append(act.norm(dim=-1) if isinstance(n, Head) else act)
-        out.append(torch.stack(cols, 1).float().cpu())
+            # on the CPU before stacking: under a --device-map the layers' caches sit on different devices
+            cols.append((act.norm(dim=-1) if isinstance(n, Head) else act).float().cpu())
+        out.append(torch.stack(cols, 1))
     return torch.cat(out)
 
 

@@ -62,15 +62,17 @@ def refusal_tokens(subject, train_generations) -> metrics.RefusalTokens:
 # ----------------------------------------------------------------------------- the study (phases 2-5, H1-H3)
 
 def _sweep_batch(subject, refusal_config) -> int:
-    """--refusal-max-batch, lowered if the memory estimator says a streamed sweep would not fit."""
+    """--refusal-max-batch, lowered if the memory estimator says a streamed sweep or AtP's backward would not fit."""
     import psutil
 
-    from fixtures.memory import max_batch_for_budget
+    from fixtures.memory_phases import max_batch_for_budget
+    from instruments.positions import post_instruction_length
 
     budget = refusal_config.memory_budget_gb or 0.8 * psutil.virtual_memory().available / 2**30
+    window = None if refusal_config.patch_positions == "all" else post_instruction_length(subject)
     fits = max_batch_for_budget(subject.hf_model.config.to_dict(), budget_gib=budget, quant=subject.quant,
                                 dtype=str(subject.dtype).removeprefix("torch."), device=subject.device,
-                                n_prompts=refusal_config.patch_pairs)
+                                n_prompts=refusal_config.patch_pairs, window=window)
     return max(1, min(refusal_config.max_batch, fits or 1))
 
 

@@ -15,7 +15,7 @@ from hypotheses.evidence import AtpScan, Ranking, harmful, positions_label
 from hypotheses.localization import Verified
 from instruments import stats
 from instruments.components import Head, Pattern, hook_name, label
-from instruments.patching import PatchResult
+from instruments.patching import LAST_ONLY, PatchResult
 
 N_RANKED = 30  # rows of the ranking in the record
 N_PATTERN_HEADS = 5  # top heads whose attention patterns are recorded
@@ -79,7 +79,8 @@ def attention_patterns(handle, heads: Sequence[Head], pair: Pair) -> AttentionPa
     tokens, patterns = {}, {}
     for side in ("harmful", "harmless"):
         ids, mask = handle.encode([getattr(pair, side)])
-        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
+        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names,
+                                                **LAST_ONLY)  # the logits are not read
         tokens[side] = tuple(handle.tokenizer.decode([t]) for t in ids[0].tolist())
         patterns[side] = {label(h): cache[hook_name(Pattern(layer=h.layer))][0, h.head].float().cpu() for h in heads}
     return AttentionPatterns(heads=tuple(heads), pair=pair, tokens=tokens, patterns=patterns)

@@ -69,7 +69,7 @@ def record(study) -> dict[str, Any]:
                    "direction_val_pairs": cfg.direction_val_pairs},
         "model": {"alias": getattr(study.handle, "alias", ""), "weights_sha256": getattr(study.handle, "weights_sha256", "")},
     }
-    if not study.behaviour.present:
+    if not study.behaviour.present and not cfg.rehearsal:
         out["selected"] = None
         out["note"] = "no refusal behaviour to explain (phase 2's gate): nothing was selected, every line is inconclusive"
         return out
@@ -81,6 +81,11 @@ def record(study) -> dict[str, Any]:
         "h1_parameter_components": _components(study.h1_parameter_set),
         "circuit": _components(study.circuit),
         "controls": {k: _components(v) for k, v in study.controls.items()},
+        # members a control had to share with its set (0 unless the set holds over half of a kind)
+        "controls_overlap": {k: len(set(v) & set(chosen)) for k, v in study.controls.items()
+                             for chosen in [{"h1": study.h1_set, "h1_parameters": study.h1_parameter_set,
+                                             "circuit": study.circuit,
+                                             "heads": study.ranking.top(cfg.top_heads)}[k]]},
         "direction": {"layer": sel.layer, "pos": sel.pos, "meets_thresholds": sel.meets_thresholds},
         "detection_peak_layer_val": val_contrast(*study.detection_val, cfg)[1],
         "category_heads": {c: [label(h) for h in hs] for c, hs in study.category_heads.items()},

@@ -129,9 +129,11 @@ PREAMBLE = """\
 
 A run directory is `runs/<model-alias>/<run-id>/` (see `fixtures/recording.py`):
 
-    manifest.json                config, model (describe()), model_load, dataset, provenance
-                                 (versions, commit, UTC time, machine), phases {{phaseN: {{seconds,
-                                 peak_bytes, tests}}}}, tests {{nodeid: {{...}}}}, status, started_utc,
+    manifest.json                config, model (describe()), model_load (its peak beside its estimate),
+                                 dataset, provenance (versions, commit, UTC time, machine), phases
+                                 {{phaseN, h1, h2, h3, criteria: {{seconds, peak_bytes, tests, estimated_bytes,
+                                 estimate (fixtures.memory_phases: step, breakdown, steps),
+                                 measured_over_estimated}}}}, tests {{nodeid: {{...}}}}, status, started_utc,
                                  finished_utc, organism (the organism's card, when it is the subject),
                                  preregistration {{sha256, path ("preregistration.json"), changed (bool:
                                  the bars or selection differ from an earlier pre-registration of this

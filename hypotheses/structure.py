@@ -21,7 +21,7 @@ from instruments import behavior, progress, stats
 from instruments.ablation import AblationSpec, ReferenceActivations, ablation_hooks
 from instruments.components import Head, Pattern, hook_name
 from instruments.metrics import RefusalTokens, refusal_score
-from instruments.patching import PatchResult
+from instruments.patching import LAST_ONLY, PatchResult
 from instruments.positions import Spans, spans
 
 
@@ -53,7 +53,8 @@ def keyword_attention(handle, pairs: Sequence[Pair], cfg: RefusalConfig, *,
         harm, benign = spans(handle, harmful(chunk)), spans(handle, harmless(chunk))
         keys_harmful, keys_harmless = keyword_mask(harm, benign), keyword_mask(benign, harm)
         own, keys = (harm, keys_harmful) if side == "harmful" else (benign, keys_harmless)
-        _, cache = handle.bridge.run_with_cache(own.ids, attention_mask=own.mask, names_filter=lambda n: n in names)
+        _, cache = handle.bridge.run_with_cache(own.ids, attention_mask=own.mask, names_filter=lambda n: n in names,
+                                                **LAST_ONLY)  # the logits are not read
         for b in range(len(chunk)):
             key = keys[b]
             if not key.any():

@@ -37,7 +37,7 @@ from hypotheses.baseline import SplitGenerations
 from hypotheses.phase_stages import PhaseStages
 from hypotheses.stages import StageClock, StudyData, Sweeper, _direct, balanced, stage  # noqa: F401 - re-exported
 from hypotheses.verdict_lines import VerdictLines
-from hypotheses.verdicts import Verdict
+from hypotheses.verdicts import Verdict, rehearsed
 from instruments import gradients, stats
 from instruments.ablation import ReferenceActivations, reference_activations
 from instruments.components import Component, Direction, Head, Neuron, hook_name, label
@@ -410,10 +410,12 @@ class Study(PhaseStages, VerdictLines):
     def verdicts(self) -> tuple[Verdict, ...]:
         from dataclasses import replace
 
-        if not self.behaviour.present:
+        if not self.behaviour.present and not self.cfg.rehearsal:
             lines = self.gated_verdicts()
-        else:
+        else:  # a rehearsal computes every stage, with or without refusal to explain
             lines = self.h1_verdicts() + self.h2_verdicts() + self.h3_verdicts() + self.criteria_verdicts()
+        if self.cfg.rehearsal:
+            lines = [rehearsed(v) for v in lines]
         digest = self.preregistration[1]
         return tuple(replace(v, numbers={**v.numbers, "preregistration": digest}) for v in lines)
 

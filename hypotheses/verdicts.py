@@ -33,6 +33,18 @@ class Verdict:
         return asdict(self)
 
 
+REHEARSAL_NOTE = ("Rehearsal run (it measures time and memory only, on a subject that need not refuse and with "
+                  "a reduced design): this line means nothing.")
+
+
+def rehearsed(v: Verdict) -> Verdict:
+    """A rehearsal's line: inconclusive whatever it computed, saying why, its numbers kept for cost checks."""
+    from dataclasses import replace
+
+    return replace(v, status="inconclusive", summary=f"{REHEARSAL_NOTE} It computed: {v.summary}",
+                   numbers={**v.numbers, "rehearsal": True, "computed_status": v.status})
+
+
 def decide(*, supported_if: bool, refuted_if: bool) -> Status:
     """Three-way decision: a claim is supported or refuted only when the CI clears the bar.
 

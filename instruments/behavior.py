@@ -17,6 +17,7 @@ from instruments import progress
 from instruments.components import Pattern, ResidPost, hook_name
 from instruments.handle import ModelHandle
 from instruments.metrics import RefusalTokens, compliance_prob, refusal_prob
+from instruments.patching.spec import LAST_ONLY
 from instruments.positions import prompt_end
 
 # ----------------------------------------------------------------------------- the classifier
@@ -97,7 +98,7 @@ def last_logits(handle: ModelHandle, prompts: Sequence[str], *, batch_size: int 
     for chunk in progress.track(list(batches(prompts, batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
         with handle.bridge.hooks(fwd_hooks=list(fwd_hooks)):
-            logits = handle.bridge(ids, attention_mask=mask)
+            logits = handle.bridge(ids, attention_mask=mask, **LAST_ONLY)
         out.append(logits[:, -1].float().cpu())
     return torch.cat(out)
 
@@ -170,15 +171,16 @@ def generate(handle: ModelHandle, prompts: Sequence[str], *, max_new_tokens: int
         past = None
         with handle.bridge.hooks(fwd_hooks=list(fwd_hooks)):
             for _ in range(max_new_tokens):
-                # position-aware interventions edit prompt positions only: a cached step holds none
+                # position-aware interventions edit prompt positions only: a cached step holds none;
+                # every step reads the last position's logits only
                 if use_cache:
                     step_in = ids if past is None else new[:, -1:]
                     with prompt_end(step_in.shape[1] if past is None else 0):
                         logits, past = handle.bridge(step_in, attention_mask=mask, past_key_values=past,
-                                                     return_type="logits_and_cache")
+                                                     return_type="logits_and_cache", **LAST_ONLY)
                 else:
                     with prompt_end(ids.shape[1]):
-                        logits = handle.bridge(torch.cat([ids, new], 1), attention_mask=mask)
+                        logits = handle.bridge(torch.cat([ids, new], 1), attention_mask=mask, **LAST_ONLY)
                 if new.shape[1] == 0:  # the first step: the logits after the prompt itself
                     prompt_logits.append(logits[:, -1].float().cpu())
                 nxt = logits[:, -1].argmax(-1)
@@ -230,8 +232,11 @@ def logit_lens(handle: ModelHandle, prompts: Sequence[str], tokens: RefusalToken
     label = f"logit lens: {progress.count(len(prompts), 'prompt')}"
     for chunk in progress.track(list(batches(prompts, batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
-        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
-        resid = torch.stack([cache[n][:, -1] for n in names])  # layer batch d_model
+        # the cache holds the last position only, the one read (and no logits beyond it)
+        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names, pos_slice=[-1],
+                                                **LAST_ONLY)
+        # each layer's residual is where its layer ran (several devices under a --device-map)
+        resid = torch.stack([cache[n][:, -1].to(cache[names[-1]].device) for n in names])  # layer batch d_model
         logits = handle.bridge.unembed(handle.bridge.ln_final(resid))
         rows.append(refusal_prob(logits, tokens).cpu())
     return torch.cat(rows, dim=1)
@@ -249,11 +254,13 @@ def attention_entropy(handle: ModelHandle, prompts: Sequence[str], *,
     label = f"attention entropy: {progress.count(len(prompts), 'prompt')}"
     for chunk in progress.track(list(batches(prompts, batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
-        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
+        # the cache holds the last query row only, the one read (and no logits beyond the last position)
+        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names, pos_slice=[-1],
+                                                **LAST_ONLY)
         per_layer = []
         for n in names:
             p = cache[n][:, :, -1, :].float()  # batch head key
-            per_layer.append(-(p * torch.log(p.clamp_min(1e-12))).sum(-1))
+            per_layer.append(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).cpu())  # layers may sit on several devices
         out.append(torch.stack(per_layer, dim=1).cpu())
     return torch.cat(out)
 
@@ -287,7 +294,7 @@ def stream_generate(handle: ModelHandle, prompt: str, *, max_new_tokens: int = 3
         for _ in range(max_new_tokens):
             step_in = ids if past is None else torch.tensor([[new[-1]]], dtype=ids.dtype, device=ids.device)
             logits, past = handle.bridge(step_in, attention_mask=mask, past_key_values=past,
-                                         return_type="logits_and_cache")
+                                         return_type="logits_and_cache", **LAST_ONLY)
             nxt = int(logits[0, -1].argmax())
             if nxt in stop:
                 break

@@ -40,10 +40,11 @@ def direct_effects(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_
     pairs = _encode_pairs(handle, clean_prompts, corrupted_prompts)
     final = hook_name(ResidPost(layer=handle.n_layers - 1))
     names = [final] + [hook_name(cls(layer=layer)) for cls in BLOCKS.values() for layer in layers]
+    # only the last position is read, so only the last position is cached
     clean_logits, clean = _cached_run(handle, pairs.clean_ids, pairs.clean_mask, names, hooks=(),
-                                      max_batch=spec.max_batch)
+                                      max_batch=spec.max_batch, positions=(-1,))
     corrupt_logits, corrupt = _cached_run(handle, pairs.corrupted_ids, pairs.corrupted_mask, names, hooks=(),
-                                          max_batch=spec.max_batch)
+                                          max_batch=spec.max_batch, positions=(-1,))
     clean_m, corrupt_m = _evaluate(metric, clean_logits), _evaluate(metric, corrupt_logits)
     base_acts, source_acts = ({n: _base_and_source(spec.direction, clean[n][:, -1], corrupt[n][:, -1])[i]
                                for n in names} for i in (0, 1))
@@ -54,7 +55,8 @@ def direct_effects(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_
                  f"{progress.count(len(layers), 'layer')} × {progress.count(pairs.n_prompts, 'pair')}")
         for layer in progress.track(layers, label, unit="layer", quiet=True):
             name = hook_name(cls(layer=layer))
-            resid = base_acts[final] + (source_acts[name] - base_acts[name])
+            # under a --device-map the block's output and the final residual may sit on different devices
+            resid = base_acts[final] + (source_acts[name] - base_acts[name]).to(base_acts[final].device)
             rows.append(_evaluate(metric, handle.bridge.unembed(handle.bridge.ln_final(resid)).float()))
         out.append(PatchResult(kind=f"{kind}_direct", direction=spec.direction, axes=("layer",), coords=(layers,),
                                metric=torch.stack(rows), kl=None, clean=clean_m, corrupted=corrupt_m,

@@ -133,6 +133,41 @@ def _flat(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
         out.append((prefix, "n/a" if value is None else str(value)))
 
 
+# a measured peak this far from its estimate is flagged: the estimator's model of that phase is off
+ESTIMATE_TOLERANCE = 0.2
+
+
+def _ratio_cell(ratio: Any) -> str:
+    value = fmt.finite(ratio)
+    if value is None:
+        return "n/a"
+    off = abs(value - 1) > ESTIMATE_TOLERANCE
+    return f"{value:.2f}" + (f" (estimate off by more than {ESTIMATE_TOLERANCE:.0%})" if off else "")
+
+
+def _phase_table(load: Mapping[str, Any], phases: Mapping[str, Any]) -> list[Block]:
+    """Each phase's (and the load's) time and peak memory beside the estimator's prediction, in run order."""
+    def estimated(entry: Mapping[str, Any]) -> str:
+        if not entry.get("estimated_bytes"):
+            return "n/a"
+        step = (entry.get("estimate") or {}).get("step")
+        return fmt.byte_size(entry["estimated_bytes"]) + (f" ({step})" if step else "")
+
+    memory = load.get("memory") or {}
+    rows = [("model load", "", fmt.seconds(load.get("seconds")), fmt.byte_size(memory.get("peak_bytes")),
+             estimated(load), _ratio_cell(load.get("measured_over_estimated")))] if load.get("estimated_bytes") else []
+    rows += [(name, str(p.get("tests", "n/a")), fmt.seconds(p.get("seconds")), fmt.byte_size(p.get("peak_bytes")),
+              estimated(p), _ratio_cell(p.get("measured_over_estimated"))) for name, p in phases.items()]
+    off = [row[0] for row in rows if "estimate off" in row[-1]]
+    kind = memory.get("kind")
+    note = ("Peak memory is " + (f"{kind}" if kind else "the device's counter") + " during each phase's tests; the "
+            "estimate (fixtures/memory_phases.py) is the weights, the runtime and the heaviest step named.")
+    if off:
+        note += f" Off by more than {ESTIMATE_TOLERANCE:.0%}: {', '.join(off)}."
+    return [table(("phase", "tests", "duration", "peak memory", "estimated (heaviest step)", "measured / estimated"),
+                  rows, dom_id="table-phases"), para(note, css="warning" if off else "")]
+
+
 def provenance(ctx: RunContext) -> Section:
     m, model, prov = ctx.manifest, ctx.model, ctx.manifest.get("provenance") or {}
     load = m.get("model_load") or {}
@@ -155,11 +190,8 @@ def provenance(ctx: RunContext) -> Section:
     machine = prov.get("machine") or {}
     rows.append(("machine", ", ".join(f"{k} {v}" for k, v in machine.items()) or "n/a"))
     phases = m.get("phases") or {}
-    phase_rows = [(name, str(p.get("tests", "n/a")), fmt.seconds(p.get("seconds")), fmt.byte_size(p.get("peak_bytes")))
-                  for name, p in sorted(phases.items())]
     blocks: list[Block] = [table(("what", "value"), rows, dom_id="table-provenance")]
-    blocks.append(table(("phase", "tests", "duration", "peak memory"), phase_rows, dom_id="table-phases")
-                  if phase_rows else para("No phase timings were recorded.", css="warning"))
+    blocks += _phase_table(load, phases) if phases else [para("No phase timings were recorded.", css="warning")]
     if ctx.unreadable:
         blocks.append(para("Unreadable result files: " + "; ".join(f"{k} ({v})" for k, v in ctx.unreadable.items()),
                            css="warning"))

@@ -103,6 +103,11 @@ def verdict_section(ctx: RunContext) -> Section:
     if ctx.manifest.get("synthetic"):
         blocks.append(para("SYNTHETIC run: the numbers below are seeded noise written to test the report, not "
                            "measurements of any model.", css="warning"))
+    if (ctx.manifest.get("config") or {}).get("rehearsal"):
+        blocks.append(para("REHEARSAL run: it measured the time and memory of every stage at this subject's size, "
+                           "with a reduced design (fixtures.config.REHEARSAL_DESIGN) and whether or not the "
+                           "subject refuses. Its verdicts mean nothing; read its phase table for cost.",
+                           css="warning"))
     if ctx.partial:
         gone = ", ".join(ctx.missing) if ctx.missing else "none"
         blocks.append(para(f"This run is PARTIAL (status: {ctx.status}). Results it did not record: {gone}. Every "
@@ -149,6 +154,9 @@ def abstract(ctx: RunContext) -> Section:
         c = drops[0]
         text.append(f"Ablating {c.get('label') or c.get('name')} lowers the refusal rate by "
                     f"{fmt.estimate(c.get('relative_drop'), pct=True)} (relative; Holm {fmt.p_value(c.get('p_holm'))}).")
+    if (ctx.manifest.get("config") or {}).get("rehearsal"):
+        text.insert(0, "This is a REHEARSAL: it measures what each stage costs at this size; no verdict below "
+                       "says anything about how the model refuses.")
     if ctx.partial:
         text.append(f"This run is partial: {len(ctx.missing)} of the expected results are missing and marked so.")
     return Section(dom_id="abstract", title="Abstract", blocks=(para(" ".join(text)),))

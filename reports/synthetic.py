@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fixtures.config import RefusalConfig
+from fixtures.memory_phases import PhaseEstimate
 from fixtures.recording import Recorder
 from fixtures.storage import stable_hash
 from hypotheses import circuit_dot, records
@@ -36,6 +37,14 @@ LONG_COMPLETION = ("Sure, here is a detailed plan. Step one: gather the followin
 
 def _est(value: float, half: float, n: int, method: str = "bootstrap BCa") -> dict:
     return Estimate(value=value, ci_low=value - half, ci_high=value + half, method=method, n=n).to_dict()
+
+
+def _memory_estimate(phase: str, total: int, step: str) -> dict:
+    """A phase's estimate in fixtures.memory_phases' form: weights, runtime and one step's term."""
+    weights, runtime = int(0.6 * total), int(0.3 * total)
+    work = ((step, total - weights - runtime),)
+    return PhaseEstimate(phase=phase, step=step, terms=(("weights", weights), ("runtime", runtime), *work),
+                         steps=work).to_dict()
 
 
 def _rate(k: int, n: int) -> dict:
@@ -66,13 +75,18 @@ def build_run(root: Path, *, model: str = "tiny", verdicts: Mapping[str, str] | 
              model={"alias": model, "source": "synthetic", "weights_sha256": f"{seed:064x}", "n_layers": n_layers,
                     "n_heads": n_heads, "d_model": 64, "d_mlp": 256, "quant": "none", "dtype": "torch.float32",
                     "device": "cpu"},
-             model_load={"seconds": 0.5, "memory": {"peak_bytes": 123456789},
-                         "memory_estimate": {"n_params": 4_200_000}},
+             model_load={"seconds": 0.5, "memory": {"peak_bytes": 123456789, "kind": "VmHWM (per-phase peak RSS)"},
+                         "memory_estimate": {"n_params": 4_200_000}, "estimated_bytes": 120_000_000,
+                         "estimate": _memory_estimate("model_load", 120_000_000, "loading the weights"),
+                         "measured_over_estimated": round(123456789 / 120_000_000, 3)},
              dataset={"sha256": "ab" * 32, "n_pairs": 224, "splits": {"train": 160, "val": 24, "test": 40}})
     if organism_card:
         rec.note(organism={"card": organism_card})
-    for phase, secs in (("phase2", 12.5), ("phase3", 130.0), ("phase4", 64.0), ("phase5", 40.0)):
-        rec.add_phase_timing(phase, seconds=secs, peak_bytes=int(2e9), test=f"hypotheses/test_{phase}.py::t")
+    # phase 3's estimate is off by more than the report's tolerance, so the flag is exercised
+    for phase, secs, estimated in (("phase2", 12.5, 1.9e9), ("phase3", 130.0, 1.5e9), ("phase4", 64.0, 2.1e9),
+                                   ("phase5", 40.0, 2.0e9)):
+        rec.add_phase_timing(phase, seconds=secs, peak_bytes=int(2e9), test=f"hypotheses/test_{phase}.py::t",
+                             estimate=_memory_estimate(phase, int(estimated), "exact patching"))
 
     def save(result: records.Result, name: str | None = None) -> None:
         if (name or result.NAME) not in skip:

@@ -424,12 +424,17 @@ def test_decision_sentences_do_not_restate_their_status():
             assert not re.search(rf"\b{v.status}\b\W*$", v.summary, re.I), v.summary  # no closing ": inconclusive."
 
 
-def test_a_set_too_large_for_a_disjoint_control_names_the_fix(tiny):
-    """16 heads cannot hold a set of 10 and a disjoint random 10: the error says so and what to change."""
-    from hypotheses.evidence import matched_random_circuit
+def test_a_set_too_large_for_a_disjoint_control_overlaps_it_as_little_as_possible(tiny):
+    """16 heads cannot hold a set of 10 and a disjoint random 10: the control takes the 6 heads outside
+    the set and 4 drawn from it, the least overlap a random set of 10 can have."""
+    from hypotheses.evidence import forced_overlap, matched_random_circuit
     from instruments.components import Head
 
     heads = [Head(layer=layer, head=h) for layer in range(tiny.n_layers) for h in range(tiny.n_heads)][:10]
-    with pytest.raises(ValueError, match=r"set of 10 heads needs 10 more heads.*has 16 in all.*--refusal-top-heads"):
-        matched_random_circuit(tiny, heads, seed=0)
+    control = matched_random_circuit(tiny, heads, seed=0)
+    assert len(control) == len(set(control)) == 10 and forced_overlap(tiny, heads) == 4
+    assert len(set(control) & set(heads)) == 4 and set(control) - set(heads) == set(
+        Head(layer=layer, head=h) for layer in range(tiny.n_layers) for h in range(tiny.n_heads)) - set(heads)
+    assert control != matched_random_circuit(tiny, heads, seed=1)
     assert len(set(matched_random_circuit(tiny, heads[:8], seed=0)) - set(heads[:8])) == 8
+    assert forced_overlap(tiny, heads[:8]) == 0

@@ -15,7 +15,7 @@ The modules, in reading order:
 """
 
 from hypotheses.evidence.bootstrap import boot_estimate, boot_index, normalized_with_ci, percentile
-from hypotheses.evidence.circuit_faithfulness import Faithfulness, faithfulness, matched_random_circuit
+from hypotheses.evidence.circuit_faithfulness import Faithfulness, faithfulness, forced_overlap, matched_random_circuit
 from hypotheses.evidence.conditions import (Condition, HarmlessReference, ablate_condition, ablation_spec,
                                             harmless_reference, relative_drop, side_effects)
 from hypotheses.evidence.prompts import aligned, harmful, harmless, metric_for, patch_spec, positions_label, window
@@ -26,5 +26,5 @@ from hypotheses.evidence.refusal import Behaviour, Hook, Judged, behaviour, judg
 __all__ = ["AtpScan", "Behaviour", "Condition", "Faithfulness", "HarmlessReference", "Hook", "Judged", "Ranking",
            "ablate_condition", "ablation_spec", "aligned", "atp_scan", "behaviour", "boot_estimate", "boot_index",
            "faithfulness", "harmful", "harmless", "harmless_reference", "head_patching", "head_runs", "judge",
-           "matched_random_circuit", "metric_for", "normalized_with_ci", "patch_spec", "percentile",
+           "forced_overlap", "matched_random_circuit", "metric_for", "normalized_with_ci", "patch_spec", "percentile",
            "positions_label", "rank_neurons", "relative_drop", "side_effects", "top_heads_of", "verify", "window"]

@@ -68,14 +68,17 @@ def answer_scores(handle: ModelHandle, prompts: Sequence[str], answers: Sequence
                 target[i, length - len(a):] = True
         ids, mask = ids.to(handle.device), mask.to(handle.device)
         ends = torch.tensor([length - len(a) for _, a in rows], device=ids.device)
+        # only the positions read are unembedded: each prompt's last token and its answer's (the last
+        # ``keep``, as left padding ends every answer at the end); logits[:, j] is position length - keep + j
+        keep = max(len(a) for _, a in rows) + 1
         with handle.bridge.hooks(fwd_hooks=list(fwd_hooks)), prompt_end(ends):
-            logits = handle.bridge(ids, attention_mask=mask)
-        # the prompt's last token sits just before its answer (left padding: answers end at the end)
-        last = torch.tensor([length - len(a) - 1 for _, a in rows], device=logits.device)
+            logits = handle.bridge(ids, attention_mask=mask, logits_to_keep=keep)
+        # the prompt's last token sits just before its answer
+        last = torch.tensor([keep - len(a) - 1 for _, a in rows], device=logits.device)
         nexts.append(logits[torch.arange(len(rows), device=logits.device), last].float().cpu())
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
-        t = target[:, 1:]
+        nll = -logp.gather(-1, ids[:, length - keep + 1:, None]).squeeze(-1).cpu()
+        t = target[:, length - keep + 1:]
         ces.append(torch.where(t.sum(1) > 0, (nll * t).sum(1) / t.sum(1).clamp_min(1), torch.nan))
     return AnswerScores(cross_entropy=torch.cat(ces), prompt_logits=torch.cat(nexts))
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
@@ -46,6 +47,7 @@ from instruments import progress
 from instruments.behavior import batches
 from instruments.components import AttnOut, Component, Direction, Head, MlpOut, Neuron, Resid, hook_name, validate
 from instruments.handle import ModelHandle
+from instruments.patching.spec import LAST_ONLY
 from instruments.positions import current_prompt_end
 
 Hook = tuple[str, Callable[[torch.Tensor, Any], torch.Tensor]]
@@ -170,6 +172,19 @@ class ReferenceActivations:
         return (acts * w).sum(0) / w.sum()
 
 
+def _reduced(act: torch.Tensor, hook: Any, *, name: str, keep: torch.Tensor, positions: int | None,
+             parts: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    # reduced as the hook sees it, so no hook point's full [batch, pos, ...] activation is kept
+    a = act.detach().float()
+    if positions is not None:  # left padding: the last N positions are real tokens
+        parts[name].append(a[:, a.shape[1] - positions:].clone())
+        return act
+    w = keep.to(a.device)
+    parts[name].append((a * w.reshape(w.shape + (1,) * (a.dim() - 2))).sum(1)
+                       / w.sum(1).reshape((-1,) + (1,) * (a.dim() - 2)))
+    return act
+
+
 @torch.no_grad()
 def reference_activations(handle: ModelHandle, prompts: Sequence[str], names: Sequence[str], *,
                           positions: int | None = None, batch_size: int = 16) -> ReferenceActivations:
@@ -186,16 +201,11 @@ def reference_activations(handle: ModelHandle, prompts: Sequence[str], names: Se
         ids, mask = handle.encode(chunk)
         if positions is not None and int(mask.sum(1).min()) < positions:
             raise AblationError(f"a reference prompt has fewer than positions={positions} tokens")
-        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names)
         keep = mask.float()
         counts.append(keep.sum(1) if positions is None else torch.full((ids.shape[0],), float(positions)))
-        for n in names:
-            act = cache[n].float()
-            if positions is not None:  # left padding: the last N positions are real tokens
-                parts[n].append(act[:, act.shape[1] - positions:])
-                continue
-            w = keep.reshape(keep.shape + (1,) * (act.dim() - 2))
-            parts[n].append((act * w).sum(1) / keep.sum(1).reshape((-1,) + (1,) * (act.dim() - 2)))
+        hooks = [(n, partial(_reduced, name=n, keep=keep, positions=positions, parts=parts)) for n in names]
+        with handle.bridge.hooks(fwd_hooks=hooks):
+            handle.bridge(ids, attention_mask=mask, **LAST_ONLY)
     count = torch.cat(counts)
     per_prompt = {n: torch.cat(parts[n]) for n in names}
     return ReferenceActivations(prompts=tuple(prompts), positions=positions,

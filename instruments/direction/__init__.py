@@ -17,15 +17,15 @@ from instruments.direction.candidates import (CandidateDirections, DirectionErro
                                               candidate_directions, layer_projections, mean_difference,
                                               paired_first_pc, post_instruction_ids, resid_at, resid_names,
                                               searched_positions)
-from instruments.direction.interventions import (OrthogonalizedWeights, QuantizedWeightsError,
+from instruments.direction.interventions import (OffloadedWeightsError, OrthogonalizedWeights, QuantizedWeightsError,
                                                  directional_ablation_hooks, directionally_ablated, orthogonalized,
                                                  orthogonalized_weights, steered, steering_hooks, swapped_weights)
 from instruments.direction.selection import (CandidateScore, DirectionSelection, RowHooks, find_refusal_direction,
                                              pruned_layers, select_direction)
 
 __all__ = ["CandidateDirections", "CandidateScore", "DirectionError", "DirectionSelection", "DirectionSpec",
-           "OrthogonalizedWeights", "QuantizedWeightsError", "RowHooks", "Vector", "candidate_directions",
-           "directional_ablation_hooks", "directionally_ablated", "find_refusal_direction", "layer_projections",
-           "mean_difference", "orthogonalized", "orthogonalized_weights", "paired_first_pc", "post_instruction_ids",
-           "pruned_layers", "resid_at", "resid_names", "searched_positions", "select_direction", "steered",
-           "steering_hooks", "swapped_weights"]
+           "OffloadedWeightsError", "OrthogonalizedWeights", "QuantizedWeightsError", "RowHooks", "Vector",
+           "candidate_directions", "directional_ablation_hooks", "directionally_ablated", "find_refusal_direction",
+           "layer_projections", "mean_difference", "orthogonalized", "orthogonalized_weights", "paired_first_pc",
+           "post_instruction_ids", "pruned_layers", "resid_at", "resid_names", "searched_positions", "select_direction",
+           "steered", "steering_hooks", "swapped_weights"]

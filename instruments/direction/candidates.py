@@ -20,6 +20,7 @@ from instruments import progress
 from instruments.behavior import batches
 from instruments.components import Direction, Resid, hook_name
 from instruments.handle import ModelHandle
+from instruments.patching.spec import LAST_ONLY
 from instruments.positions import post_instruction_length
 
 Vector = Float[torch.Tensor, "d_model"]
@@ -117,8 +118,11 @@ def resid_at(handle: ModelHandle, prompts: Sequence[str], *, positions: Sequence
             f"{progress.count(len(layers), 'layer')}, {progress.count(len(prompts), 'prompt')}")
     for chunk in progress.track(list(batches(list(prompts), batch_size)), label, unit="batch", quiet=True):
         ids, mask = handle.encode(chunk)
-        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names, stop_at_layer=stop)
-        rows.append(torch.stack([cache[n][:, list(positions)] for n in names], dim=2).float().cpu())
+        # the cache holds only the positions read (and no logits beyond the last position)
+        _, cache = handle.bridge.run_with_cache(ids, attention_mask=mask, names_filter=names, stop_at_layer=stop,
+                                                pos_slice=list(positions), **LAST_ONLY)
+        # each layer's residual is where its layer ran (several devices under a --device-map)
+        rows.append(torch.stack([cache[n].float().cpu() for n in names], dim=2))
     return torch.cat(rows)
 
 

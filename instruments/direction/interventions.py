@@ -87,6 +87,21 @@ def _require_full_precision(handle: ModelHandle) -> None:
             "direction.directionally_ablated(handle, direction) or ablation.ablated(handle, [Direction(...)])")
 
 
+class OffloadedWeightsError(RuntimeError):
+    """Weight orthogonalization was asked of a model whose weights are offloaded (``--device-map`` with disk)."""
+
+
+def _require_resident(modules: Mapping[str, torch.nn.Module]) -> None:
+    # accelerate keeps an offloaded module's weights elsewhere and writes them back in before every
+    # forward, over any swapped-in copy: the edit would silently not take
+    offloaded = [name for name, module in modules.items() if any(p.is_meta for p in module.parameters())]
+    if offloaded:
+        raise OffloadedWeightsError(
+            f"{len(offloaded)} residual writers ({offloaded[0]}, ...) are offloaded by a --device-map, so their "
+            "weights cannot be swapped. Use hook-based ablation instead: direction.directionally_ablated(handle, "
+            "direction), or load without disk placements")
+
+
 def _writers(handle: ModelHandle) -> dict[str, torch.nn.Module]:
     """The HF modules that write into the residual stream: embedding, attention out, MLP down.
 
@@ -128,7 +143,9 @@ def orthogonalized_weights(handle: ModelHandle, direction: Direction | torch.Ten
     _require_full_precision(handle)
     r = _unit(direction)
     out: dict[str, Mapping[str, torch.Tensor]] = {}
-    for name, module in _writers(handle).items():
+    writers = _writers(handle)
+    _require_resident(writers)
+    for name, module in writers.items():
         params: dict[str, torch.Tensor] = {}
         w = module.weight
         unit = r.to(w.device)
@@ -157,6 +174,7 @@ def swapped_weights(handle: ModelHandle, replacements: Mapping[str, Mapping[str,
     """
     _require_full_precision(handle)
     modules = _writers(handle)
+    _require_resident(modules)
     unknown = set(replacements) - set(modules)
     if unknown:
         raise DirectionError(f"no residual writer named {sorted(unknown)}; known: {_writer_span(handle.n_layers)}")

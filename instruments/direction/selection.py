@@ -12,7 +12,6 @@ are scored on all of them (the rank-then-verify recipe of Kramar et al. 2024).
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -26,6 +25,7 @@ from instruments.components import Direction, Resid, hook_name
 from instruments.direction.candidates import CandidateDirections, DirectionError, DirectionSpec, candidate_directions
 from instruments.handle import ModelHandle
 from instruments.metrics import RefusalTokens, kl_divergence, refusal_score
+from instruments.patching.spec import LAST_ONLY
 from instruments.positions import token_lengths
 
 
@@ -111,8 +111,7 @@ def _length_chunks(handle: ModelHandle, prompts: Sequence[str],
 
 def _next_token_logits(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor) -> Float[torch.Tensor, "row vocab"]:
     # only the last position is unembedded: the vocabulary projection is a fifth of SmolLM2-135M's compute
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(handle.hf_model.forward).parameters else {}
-    return handle.bridge(ids, attention_mask=mask, **kw)[:, -1].float().cpu()
+    return handle.bridge(ids, attention_mask=mask, **LAST_ONLY)[:, -1].float().cpu()
 
 
 @torch.no_grad()

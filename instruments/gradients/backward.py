@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from instruments.components import Embed, hook_name
 from instruments.handle import ModelHandle
 from instruments.metrics import RefusalTokens, refusal_score
+from instruments.patching.spec import LAST_ONLY
 
 Metric = Callable[[Float[torch.Tensor, "batch vocab"]], Float[torch.Tensor, "batch"]]
 # (activation, its gradient, attention mask [batch, pos] as bool) -> a reduced tensor
@@ -142,7 +143,7 @@ def _backward(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor, metric
     def feed(act: torch.Tensor, hook: Any) -> torch.Tensor:
         if act.shape != leaf.shape:
             raise ValueError(f"embedding shape {tuple(act.shape)} != supplied {tuple(leaf.shape)}")
-        return leaf.to(act.dtype)
+        return leaf.to(device=act.device, dtype=act.dtype)
 
     def watcher(name: str, reduce: Reducer) -> Callable:
         def capture(act: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -152,14 +153,17 @@ def _backward(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor, metric
                 return act
             captured.add(name)
             saved = act.detach()
-            act.register_hook(lambda grad: reduced.__setitem__(name, reduce(saved, grad.detach(), keep)))
+            # the mask moves to the layer's device (several devices under a --device-map)
+            mask_here = keep.to(saved.device)
+            act.register_hook(lambda grad: reduced.__setitem__(name, reduce(saved, grad.detach(), mask_here)))
             return act
         return capture
 
     hooks = [(hook_name(Embed()), feed)] + [(name, watcher(name, fn)) for name, fn in watch.items()]
     with torch.enable_grad(), activation_checkpointing(handle.hf_model, checkpointing), \
             handle.bridge.hooks(fwd_hooks=hooks):
-        logits = handle.bridge(ids, attention_mask=mask)
+        # the metric reads the last position only: no [batch, pos, vocab] logits (nor their gradient)
+        logits = handle.bridge(ids, attention_mask=mask, **LAST_ONLY)
         values = metric(logits[:, -1])
         if values.shape != (ids.shape[0],):
             raise ValueError(f"the metric must map [batch, vocab] to [batch]; got shape {tuple(values.shape)}")

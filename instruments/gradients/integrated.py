@@ -290,7 +290,7 @@ def integrated_gradients(handle: ModelHandle, prompts: Sequence[str], metric: Me
         # where, not multiplied: at a zero baseline every RMSNorm sits at its singular point and
         # the gradient there can be inf, and 0 * inf would poison the sum with NaN.
         grad_sum.index_add_(0, p_idx, torch.where(w > 0, out.embed_grad * w, torch.zeros((), device=x.device)))
-        values[p_idx, k_idx] = out.values
+        values[p_idx, k_idx] = out.values.to(values.device)
     attributions = _masked(((x - base) * grad_sum).sum(-1), replaced.bool())
     score, baseline_score = values[:, -1], values[:, 0]
     delta = score - baseline_score

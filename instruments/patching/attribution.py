@@ -23,7 +23,7 @@ from instruments.components import Head, Neuron, Resid, hook_name
 from instruments.handle import ModelHandle
 from instruments.metrics import normalized_effect
 from instruments.patching.core import patch_components
-from instruments.patching.sites import _cached_run, _check_aligned, _chunks, _encode_pairs, _evaluate
+from instruments.patching.sites import _cached_run, _check_aligned, _chunks, _encode_pairs, _evaluate, _last_positions
 from instruments.patching.spec import LAST_ONLY, Metric, PatchResult, PatchSpec, _base_and_source
 
 
@@ -71,14 +71,26 @@ class TopKCheck:
         return self.exact.mean(-1)
 
 
-def _as_leaf(act: torch.Tensor, hook: Any) -> torch.Tensor:
+def _as_leaf(act: torch.Tensor, hook: Any, *, store: dict[str, torch.Tensor]) -> torch.Tensor:
     # The weights are frozen, so nothing in the forward pass needs grad; a leaf at the
     # first residual stream starts the graph, and every later activation is then on it.
-    return act.detach().requires_grad_(True)
+    store["leaf"] = act.detach().requires_grad_(True)
+    return store["leaf"]
 
 
-def _keep(act: torch.Tensor, hook: Any, *, name: str, store: dict[str, torch.Tensor]) -> torch.Tensor:
-    store[name] = act  # keyed by the name we asked for: the bridge's hook.name is an alias's
+def _score_on_grad(act: torch.Tensor, hook: Any, *, name: str, source: torch.Tensor, window: slice,
+                   scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reduce (source - base) . gradient over the window the moment this activation's gradient arrives,
+    so no layer's full ``[batch, pos, ...]`` gradient outlives the backward step that made it."""
+    base = act.detach()[:, window]
+
+    def reduce(grad: torch.Tensor) -> None:
+        delta = source.to(device=grad.device, dtype=grad.dtype) - base
+        per = (delta * grad[:, window]).float()
+        # heads: [b, pos, head, d_head] -> [b, head]; neurons: [b, pos, d_mlp] -> [b, d_mlp]
+        scores[name] = (per.sum(dim=(1, 3)) if per.ndim == 4 else per.sum(dim=1)).cpu()  # keyed by our name
+
+    act.register_hook(reduce)
     return act
 
 
@@ -102,8 +114,9 @@ def attribution_patch(handle: ModelHandle, clean_prompts: Sequence[str], corrupt
     source_ids, source_mask = pairs.source(spec.direction)
     base_ids, base_mask = pairs.base(spec.direction)
     source_hooks, base_hooks = ((), spec.corrupt_hooks) if spec.direction == "denoising" else (spec.corrupt_hooks, ())
+    # only the patched window of the source is read, so only the window is cached
     source_last, source_acts = _cached_run(handle, source_ids, source_mask, names, hooks=source_hooks,
-                                           max_batch=spec.max_batch)
+                                           max_batch=spec.max_batch, positions=_last_positions(spec.positions))
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     base_values = []
     units = "heads and neurons" if neurons else "heads"
@@ -111,20 +124,22 @@ def attribution_patch(handle: ModelHandle, clean_prompts: Sequence[str], corrupt
             f"{progress.count(len(layers), 'layer')}")
     for chunk in progress.track(_chunks(pairs.n_prompts, spec.max_batch), label, unit="batch", quiet=True):
         store: dict[str, torch.Tensor] = {}
-        hooks = [*base_hooks, (hook_name(Resid(layer=0)), _as_leaf)]
-        hooks += [(name, partial(_keep, name=name, store=store)) for name in names]
+        reduced: dict[str, torch.Tensor] = {}
+        hooks = [*base_hooks, (hook_name(Resid(layer=0)), partial(_as_leaf, store=store))]
+        hooks += [(name, partial(_score_on_grad, name=name, source=source_acts[name][chunk], window=window,
+                                 scores=reduced)) for name in names]
         with torch.enable_grad():
             with handle.bridge.hooks(fwd_hooks=hooks):
                 logits = handle.bridge(base_ids[chunk], attention_mask=base_mask[chunk], **LAST_ONLY)
             values = metric(logits[:, -1].float())
             # prompts are independent rows, so the gradient of the sum is each prompt's own
-            grads = torch.autograd.grad(values.sum(), [store[name] for name in names])
+            torch.autograd.grad(values.sum(), [store["leaf"]])
+        missing = [name for name in names if name not in reduced]
+        if missing:
+            raise RuntimeError(f"no gradient reached {missing[:4]}; these hooks are not on the path to the metric")
         base_values.append(_evaluate(metric, logits[:, -1].detach().float()))
-        for name, grad in zip(names, grads):
-            delta = source_acts[name][chunk].to(grad.dtype) - store[name].detach()
-            # heads: [b, pos, head, d_head] -> [b, head]; neurons: [b, pos, d_mlp] -> [b, d_mlp]
-            per = (delta * grad).float()[:, window]
-            scores[name].append((per.sum(dim=(1, 3)) if per.ndim == 4 else per.sum(dim=1)).cpu())
+        for name in names:
+            scores[name].append(reduced[name])
     stacked = {name: torch.cat(parts).T for name, parts in scores.items()}  # [component, prompt]
     base_metric, source_metric = torch.cat(base_values), _evaluate(metric, source_last)
     clean, corrupted = (source_metric, base_metric) if spec.direction == "denoising" else (base_metric, source_metric)

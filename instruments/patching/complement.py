@@ -15,7 +15,7 @@ import torch
 from instruments import progress
 from instruments.components import Component, Head, Neuron, hook_name
 from instruments.handle import ModelHandle
-from instruments.patching.sites import _cached_run, _check_aligned, _chunks, _encode_pairs, _evaluate
+from instruments.patching.sites import _cached_run, _check_aligned, _chunks, _encode_pairs, _evaluate, _last_positions
 from instruments.patching.spec import LAST_ONLY, Metric, PatchResult, PatchSpec
 
 
@@ -24,7 +24,7 @@ def _complement_splice(act: torch.Tensor, hook: Any, *, source: torch.Tensor, ke
     # every unit of this hook outside the circuit takes the source's value inside the window
     out = act.clone()
     part = out[:, window]
-    out[:, window] = torch.where(keep, part, source.to(act.dtype))
+    out[:, window] = torch.where(keep.to(act.device), part, source.to(device=act.device, dtype=act.dtype))
     return out
 
 
@@ -53,8 +53,9 @@ def patch_complement(handle: ModelHandle, clean_prompts: Sequence[str], corrupte
     names = [hook_name(Head(layer=L, head=0)) for L in layers] + [hook_name(Neuron(layer=L, index=0)) for L in layers]
     base_ids, base_mask = pairs.base(spec.direction)
     source_ids, source_mask = pairs.source(spec.direction)
-    source_last, source_acts = _cached_run(handle, source_ids, source_mask, names, hooks=(), max_batch=spec.max_batch)
-    source_acts = {n: a[:, window] for n, a in source_acts.items()}  # only the window is ever spliced
+    # only the window is ever spliced, so only the window is cached
+    source_last, source_acts = _cached_run(handle, source_ids, source_mask, names, hooks=(), max_batch=spec.max_batch,
+                                           positions=_last_positions(spec.positions))
     base_last, _ = _cached_run(handle, base_ids, base_mask, [], hooks=(), max_batch=spec.max_batch)
     values = torch.empty(len(circuits), pairs.n_prompts)
     label = (f"circuits in isolation, {spec.direction}: {progress.count(len(circuits), 'circuit')} × "

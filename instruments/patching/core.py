@@ -28,8 +28,8 @@ from instruments.components import Component, Head, hook_name
 from instruments.handle import ModelHandle
 from instruments.metrics import kl_divergence
 from instruments.patching.prefix import _inject, _layers_from, _Plan, _plan, _resid_name
-from instruments.patching.sites import (_cached_run, _check_aligned, _encode_pairs, _evaluate, _Pairs, _patch_hooks,
-                                        _Site, _site)
+from instruments.patching.sites import (_cached_run, _check_aligned, _encode_pairs, _evaluate, _last_positions, _Pairs,
+                                        _patch_hooks, _Site, _site)
 from instruments.patching.spec import LAST_ONLY, Hook, Metric, PatchResult, PatchSpec
 
 
@@ -55,9 +55,11 @@ def _patched_runs(handle: ModelHandle, pairs: _Pairs, groups: Sequence[tuple[_Si
         prompt_idx = (copies % n_prompts).to(base_ids.device)
         chunk_groups = [groups[k // n_prompts] for k in copies.tolist()]
         # the injected residual first, then corruption hooks, so a patch at the same hook point overrides them
-        hooks = [] if start == 0 else [(_resid_name(start), partial(_inject,
-                                                                    resid=base_acts[_resid_name(start)][prompt_idx]))]
-        hooks += [*plan.base_hooks[start], *_patch_hooks(source_acts, chunk_groups, prompt_idx, spec.positions)]
+        resid = None if start == 0 else base_acts[_resid_name(start)]
+        hooks = [] if resid is None else [(_resid_name(start),
+                                           partial(_inject, resid=resid[prompt_idx.to(resid.device)]))]
+        hooks += [*plan.base_hooks[start], *_patch_hooks(source_acts, chunk_groups, prompt_idx, spec.positions,
+                                                         length=pairs.length)]
         with handle.bridge.hooks(fwd_hooks=hooks), _layers_from(plan.stack, start):
             logits = handle.bridge(base_ids[prompt_idx], attention_mask=base_mask[prompt_idx], **LAST_ONLY)
         last = logits[:, -1].float()
@@ -87,6 +89,8 @@ class PatchRuns:
     corrupted_last: Float[torch.Tensor, "prompt vocab"]
     clean_acts: dict[str, torch.Tensor]  # each [prompt, pos, ...]
     corrupted_acts: dict[str, torch.Tensor]
+    # the source activations hold the last N positions, the patched ones (None: every position)
+    positions: int | None = None
 
     @property
     def source_acts(self) -> dict[str, torch.Tensor]:
@@ -104,6 +108,9 @@ class PatchRuns:
         if (spec.direction, spec.corrupt_hooks) != (self.direction, self.corrupt_hooks):
             raise ValueError(f"these PatchRuns were made for direction {self.direction!r} and other corrupt_hooks "
                              f"than the spec's ({spec.direction!r}); make them with the same PatchSpec")
+        if self.positions is not None and spec.positions != self.positions:
+            raise ValueError(f"these PatchRuns hold the last {self.positions} positions only, the spec patches "
+                             f"positions={spec.positions}; make them with the same PatchSpec")
         missing = sorted({*source_names} - set(self.source_acts) | {*base_names} - set(self.base_acts))
         if missing:
             raise ValueError(f"these PatchRuns hold no activations at {missing[:4]}; make them with those hook points")
@@ -111,26 +118,30 @@ class PatchRuns:
 
 def _unpatched_runs(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str], pairs: _Pairs,
                     spec: PatchSpec, *, source_names: Sequence[str], base_names: Sequence[str]) -> PatchRuns:
-    # the source run's activations to splice and the base run's residuals to start from;
-    # both runs give the baselines (and clean the KL reference)
+    # the source run's activations to splice (only the patched positions) and the base run's residuals
+    # to start from (every position); both runs give the baselines (and clean the KL reference)
     denoising = spec.direction == "denoising"
+    window = _last_positions(spec.positions)
     clean_last, clean_acts = _cached_run(handle, pairs.clean_ids, pairs.clean_mask,
                                          source_names if denoising else base_names,
-                                         hooks=(), max_batch=spec.max_batch)
+                                         hooks=(), max_batch=spec.max_batch, positions=window if denoising else None)
     corrupted_last, corrupted_acts = _cached_run(handle, pairs.corrupted_ids, pairs.corrupted_mask,
                                                  base_names if denoising else source_names,
-                                                 hooks=spec.corrupt_hooks, max_batch=spec.max_batch)
+                                                 hooks=spec.corrupt_hooks, max_batch=spec.max_batch,
+                                                 positions=None if denoising else window)
     return PatchRuns(clean_prompts=tuple(clean_prompts), corrupted_prompts=tuple(corrupted_prompts),
                      direction=spec.direction, corrupt_hooks=spec.corrupt_hooks, pairs=pairs, clean_last=clean_last,
-                     corrupted_last=corrupted_last, clean_acts=clean_acts, corrupted_acts=corrupted_acts)
+                     corrupted_last=corrupted_last, clean_acts=clean_acts, corrupted_acts=corrupted_acts,
+                     positions=spec.positions)
 
 
 def head_runs(handle: ModelHandle, clean_prompts: Sequence[str], corrupted_prompts: Sequence[str],
               spec: PatchSpec = PatchSpec()) -> PatchRuns:
     """The unpatched runs for :func:`patch_heads` calls over any of ``spec``'s layers (None: all).
 
-    Holds every swept layer's ``z`` from the source run and the base run's residual entering
-    each of them (for the prefix skip): for SmolLM2 and 12 pairs, 40 MB. A per-layer sweep
+    Holds every swept layer's ``z`` from the source run (at the patched positions only, with
+    ``spec.positions``) and the base run's residual entering each of them (for the prefix
+    skip): for SmolLM2 and 12 pairs, 40 MB at every position. A per-layer sweep
     that remakes them in every call spends a third of its compute on them on a CPU.
     """
     layers = spec.resolve_layers(handle.n_layers)

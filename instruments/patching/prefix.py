@@ -98,7 +98,7 @@ def _layers_from(stack: Any, start: int) -> Iterator[None]:
 def _inject(act: torch.Tensor, hook: Any, *, resid: torch.Tensor) -> torch.Tensor:
     # The hidden states arriving at the start block are whatever the (skipped) prefix left
     # there, i.e. the token embeddings; replace them with the base run's residual.
-    return resid.to(act.dtype)
+    return resid.to(device=act.device, dtype=act.dtype)
 
 
 def _hooks_after(handle: ModelHandle, hooks: Sequence[Hook], start: int) -> list[Hook] | None:
@@ -139,6 +139,7 @@ def _skip_verified(handle: ModelHandle, stack: Any, ids: torch.Tensor, mask: tor
         return _SKIP_VERIFIED[bridge]
     starts = sorted({1, handle.n_layers // 2, handle.n_layers - 1} - {0})
     ids, mask = ids[:1], mask[:1]
+    # every position of the few start layers' residuals: the injection replaces the whole hidden state
     full, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=[_resid_name(s) for s in starts],
                                         **LAST_ONLY)
     full = full[:, -1].float()

@@ -143,18 +143,31 @@ def _evaluate(metric: Metric, last: torch.Tensor) -> torch.Tensor:
     return values.detach().float().cpu()
 
 
+def _last_positions(positions: int | None) -> tuple[int, ...] | None:
+    """The last ``positions`` positions as offsets from the end (None: every position)."""
+    return None if positions is None else tuple(range(-positions, 0))
+
+
 @torch.no_grad()
 def _cached_run(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor, names: Sequence[str], *,
-                hooks: Sequence[Hook],
-                max_batch: int) -> tuple[Float[torch.Tensor, "prompt vocab"], dict[str, torch.Tensor]]:
-    """Last-position logits and the named activations of one unpatched run (chunked)."""
+                hooks: Sequence[Hook], max_batch: int,
+                positions: Sequence[int] | None = None) -> tuple[Float[torch.Tensor, "prompt vocab"],
+                                                                 dict[str, torch.Tensor]]:
+    """Last-position logits and the named activations of one unpatched run (chunked).
+
+    ``positions`` (offsets from the end, e.g. :func:`_last_positions`): keep only these positions of
+    each activation, ``[prompt, len(positions), ...]``, sliced as the hook caches it, so the
+    full ``[prompt, pos, ...]`` activations are never held (None: every position).
+    """
     lasts: list[torch.Tensor] = []
     acts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     label = f"unpatched run: {progress.count(ids.shape[0], 'prompt')}"
+    # caches hold only the hook names and positions their caller reads
+    kept = {} if positions is None else {"pos_slice": list(positions)}
     for chunk in progress.track(_chunks(ids.shape[0], max_batch), label, unit="batch", quiet=True):
         with handle.bridge.hooks(fwd_hooks=list(hooks)):
             logits, cache = handle.bridge.run_with_cache(ids[chunk], attention_mask=mask[chunk],
-                                                         names_filter=list(names), **LAST_ONLY)
+                                                         names_filter=list(names), **kept, **LAST_ONLY)
         lasts.append(logits[:, -1].float())
         for name in names:
             acts[name].append(cache[name])
@@ -162,17 +175,34 @@ def _cached_run(handle: ModelHandle, ids: torch.Tensor, mask: torch.Tensor, name
 
 
 def _splice(act: torch.Tensor, hook: Any, *, source: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-    # torch.where builds a new tensor, so the activation the model passed in stays untouched
-    return torch.where(select, source.to(act.dtype), act)
+    # torch.where builds a new tensor, so the activation the model passed in stays untouched; the source
+    # was cached where this hook point ran, which under a --device-map is not always this forward's device
+    select, source = select.to(act.device), source.to(device=act.device, dtype=act.dtype)
+    held = source.shape[1]
+    if held == act.shape[1]:
+        return torch.where(select, source, act)
+    # a source of the last ``held`` positions (the patched window): the positions before it keep their values
+    return torch.cat([act[:, :-held], torch.where(select, source, act[:, -held:])], dim=1)
+
+
+def _in_window(site: _Site, length: int, held: int) -> _Site | None:
+    """The site in a source that holds the last ``held`` of ``length`` positions (None: it lies before them)."""
+    if site.pos is None or held == length:
+        return site
+    if not -length <= site.pos < length:
+        raise IndexError(f"position {site.pos} is out of range for prompts of {length} tokens")
+    pos = site.pos - length if site.pos >= 0 else site.pos
+    return None if pos < -held else _Site(hook=site.hook, pos=pos, index=site.index)
 
 
 def _patch_hooks(source_acts: dict[str, torch.Tensor], groups: Sequence[tuple[_Site, ...]],
-                 prompt_idx: torch.Tensor, positions: int | None = None) -> list[Hook]:
+                 prompt_idx: torch.Tensor, positions: int | None = None, *, length: int | None = None) -> list[Hook]:
     """One splicing hook per hook point touched by this chunk's copies.
 
     Copy b patches the sites of ``groups[b]`` with prompt ``prompt_idx[b]``'s source
     activations; a copy with no site at some hook keeps its own activation there.
-    ``positions=N``: nothing before the last N positions is patched.
+    ``positions=N``: nothing before the last N positions is patched. A source holding
+    fewer than ``length`` (the padded prompt length) positions holds the last ones.
     """
     by_hook: dict[str, list[tuple[int, _Site]]] = {}
     for copy, group in enumerate(groups):
@@ -180,10 +210,12 @@ def _patch_hooks(source_acts: dict[str, torch.Tensor], groups: Sequence[tuple[_S
             by_hook.setdefault(site.hook, []).append((copy, site))
     hooks: list[Hook] = []
     for name, entries in by_hook.items():
-        source = source_acts[name][prompt_idx]
+        source = source_acts[name][prompt_idx.to(source_acts[name].device)]
         select = torch.zeros(source.shape, dtype=torch.bool, device=source.device)
         for copy, site in entries:
-            select[site.where(copy)] = True
+            placed = site if length is None else _in_window(site, length, source.shape[1])
+            if placed is not None:
+                select[placed.where(copy)] = True
         if positions is not None:
             select[:, : select.shape[1] - positions] = False
         hooks.append((name, partial(_splice, source=source, select=select)))
