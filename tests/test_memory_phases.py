@@ -144,12 +144,29 @@ def test_the_session_estimator_of_tiny(tiny):
     assert e.to_dict()["breakdown"]["weights"] == sum(p.numel() * 4 for p in tiny.hf_model.parameters())
 
 
+def test_the_side_effect_steps_score_the_answers_as_encoded():
+    """Answers are scored re-tokenized from their text, which can be far longer than the tokens generated
+    (the rehearsal model's filler tokens re-encode to ~9 pieces each: 89 tokens for 8 generated)."""
+    step = {"phase4": "answer cross-entropy (harmless test)", "h1": "cross-category side effects"}
+    for phase, name in step.items():
+        budget = estimate(phase, sizes=replace(SIZES, answer_len=CFG.max_new_tokens)).to_dict()["steps"][name]
+        assert estimate(phase).to_dict()["steps"][name] == budget  # before phase 2: the generation budget
+        assert estimate(phase, sizes=replace(SIZES, answer_len=89)).to_dict()["steps"][name] > 2 * budget
+    from fixtures.memory_phases import Estimator
+
+    plain = Estimator(model_config=LLAMA3_8B, quant="nf4", dtype="float32", device="cpu", seq_len=57, sizes=SIZES)
+    assert plain.answered(["any answer"]) is plain  # no tokenizer: nothing to measure
+    counted = replace(plain, answer_tokens=len)
+    assert counted.answered([]) is counted and counted.answered(["ab", "abcde"]).sizes.answer_len == 5
+
+
 SESSION = '''
 import pytest
 
 @pytest.mark.phase2
-def test_a_phase(subject):
+def test_a_phase(subject, recorder):
     assert subject.n_layers
+    recorder.save("generations/test-harmless", numbers={"texts": ["Sure, here is a long answer to that question."]})
 
 @pytest.mark.h1
 def test_a_hypothesis(subject):
@@ -157,7 +174,9 @@ def test_a_hypothesis(subject):
 '''
 
 
-def test_the_manifest_holds_each_phase_beside_its_estimate(pytester, monkeypatch):
+def test_the_manifest_holds_each_phase_beside_its_estimate(pytester, monkeypatch, tiny):
+    from fixtures.data import load_prompts
+
     pytester.makeini("[pytest]\nmarkers =\n    phase2: a phase\n    h1: a hypothesis\n")
     pytester.makepyfile(test_session=SESSION)
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -173,6 +192,17 @@ def test_the_manifest_holds_each_phase_beside_its_estimate(pytester, monkeypatch
         assert entry["estimated_bytes"] == entry["estimate"]["total_bytes"] > 0
         assert sum(entry["estimate"]["breakdown"].values()) == entry["estimated_bytes"]
         assert entry["measured_over_estimated"] == round(entry["peak_bytes"] / entry["estimated_bytes"], 3)
+    # H1's side effects are estimated at the length of the answer phase 2 recorded, in tiny's tokens
+    from fixtures.memory_phases import Estimator
+
+    tiny_est = session_estimator(tiny, load_prompts(None))
+    answer = len(tiny.tokenizer("Sure, here is a long answer to that question.", add_special_tokens=False)["input_ids"])
+    assert tiny_est.answered(["Sure, here is a long answer to that question."]).sizes.answer_len == answer
+    side = manifest["phases"]["h1"]["estimate"]["steps"]["cross-category side effects"]
+    assert side == Estimator.__call__(replace(tiny_est, sizes=replace(tiny_est.sizes, answer_len=answer)), "h1",
+                                      RefusalConfig(**{k: v for k, v in manifest["config"].items()
+                                                       if k in RefusalConfig.__dataclass_fields__})
+                                      ).to_dict()["steps"]["cross-category side effects"]
     load = manifest["model_load"]
     assert load["estimated_bytes"] == load["estimate"]["total_bytes"] > load["memory_estimate"]["weights_bytes"]
     assert load["measured_over_estimated"] == round(load["memory"]["peak_bytes"] / load["estimated_bytes"], 3)
