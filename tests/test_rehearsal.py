@@ -117,6 +117,8 @@ def test_rehearsal_models_imply_the_rehearsal_design():
     assert models == {"llama3-8b-random", "llama3-70b-random"}
     implied = resolve({"model": "llama3-8b-random"}, rehearsal_models=models)
     assert implied.rehearsal and all(getattr(implied, k) == v for k, v in REHEARSAL_DESIGN.items())
+    # phase 4 asserts integrated gradients' completeness, which 4 steps missed on the random model
+    assert "ig_steps" not in REHEARSAL_DESIGN and implied.ig_steps == RefusalConfig().ig_steps
     # a knob given explicitly wins over the rehearsal design
     given = resolve({"model": "llama3-8b-random", "patch_pairs": "12"}, rehearsal_models=models)
     assert given.patch_pairs == 12 and given.sweep_pairs == REHEARSAL_DESIGN["sweep_pairs"]
